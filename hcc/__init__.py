@@ -1,0 +1,29 @@
+"""hcc: hidden convex-concave games and generalized natural-gradient flows in PyTorch.
+
+Public API, grouped by concept:
+
+- games: :data:`GAMES`, :func:`make_game`, :class:`Game`
+- solvers: :data:`SOLVERS`, :func:`make_solver`, :class:`Solver`, :data:`RULES`,
+  :data:`PRECONDITIONERS`
+- running: :func:`run` (by names, like the CLI), :func:`solve`, :class:`Result`
+- metrics: :func:`evaluate`
+"""
+
+__version__ = "0.1.0"
+
+from .games import GAMES, Game, make_game  # noqa: E402
+from .metrics import evaluate  # noqa: E402
+from .run import Result, run, solve  # noqa: E402
+from .solvers import PRECONDITIONERS, RULES, SOLVERS, Solver, make_solver  # noqa: E402
+
+__all__ = [
+    # games
+    "GAMES", "Game", "make_game",
+    # solvers
+    "PRECONDITIONERS", "RULES", "SOLVERS", "Solver", "make_solver",
+    # running
+    "Result", "run", "solve",
+    # metrics
+    "evaluate",
+    "__version__",
+]

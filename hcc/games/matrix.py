@@ -1,0 +1,164 @@
+"""Regularized zero-sum matrix games with neural strategy maps; rock-paper-scissors.
+
+.. math::
+
+    Ψ(θ, φ) = E_x[F_θ(x)ᵀ M G_φ(x')] + λ/2 (E‖F_θ − u‖² − E‖G_φ − u‖²),
+
+with ``F_θ = softmax(MLP_θ(x))`` over the min player's ``m`` actions and
+``G_φ = softmax(MLP_φ(x'))`` over the max player's ``k`` actions, ``u`` uniform.
+With ``n_support > 1`` each player plays one mixed strategy per support point
+(a contextual policy); the equilibrium is the same at every point.
+
+The function-space equilibrium is computed, not assumed
+(:func:`~hcc.games.simplex.solve_matrix_game`); for rock-paper-scissors
+(Mladenovic, Sakos & Piliouras; ``λ = 0.1``) it is uniform for both players.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import OptionError, opt
+from .base import Batch, Game, seeded
+from .maps import mlp
+from .simplex import matrix_game_gap, solve_matrix_game
+
+RPS_MATRIX = [[0.0, 1.0, -1.0], [-1.0, 0.0, 1.0], [1.0, -1.0, 0.0]]
+
+
+def parse_payoff(spec: str) -> list[list[float]]:
+    """A payoff matrix from a CSV file path or inline ``"a,b;c,d"`` rows.
+
+    Raises :class:`OptionError` on ragged rows, non-numbers or an empty matrix.
+    """
+    path = Path(spec)
+    if path.suffix.lower() in (".csv", ".txt") or path.exists():
+        if not path.exists():
+            raise OptionError(f"payoff: expected a CSV file or inline rows 'a,b;c,d', got missing file {spec!r}")
+        rows = [r for r in csv.reader(io.StringIO(path.read_text())) if any(c.strip() for c in r)]
+        where = f"payoff file {spec!r}"
+    else:
+        rows = [r.split(",") for r in spec.split(";") if r.strip()]
+        where = f"inline payoff {spec!r}"
+    try:
+        M = [[float(c) for c in r if c.strip() != ""] for r in rows]
+    except ValueError as e:
+        raise OptionError(f"{where}: expected numbers, got {e}") from None
+    if not M or not M[0]:
+        raise OptionError(f"{where}: expected a non-empty matrix, got no numbers")
+    widths = {len(r) for r in M}
+    if len(widths) != 1:
+        raise OptionError(f"{where}: expected rows of equal length, got lengths {sorted(widths)}")
+    if any(x != x or abs(x) == float("inf") for r in M for x in r):
+        raise OptionError(f"{where}: expected finite numbers, got NaN/inf")
+    return M
+
+
+@dataclass
+class MatrixOptions:
+    payoff: str = opt("0,1,-1;-1,0,1;1,-1,0", "payoff matrix M (min player's rows): CSV path or 'a,b;c,d'")
+    lam: float = opt(0.1, "λ ≥ 0, strength of the regularizer")
+    width: int = opt(32, "hidden width of each player's MLP")
+    depth: int = opt(2, "number of hidden layers")
+    input_dim: int = opt(4, "dimension of the fixed inputs x")
+    n_support: int = opt(1, "number of support points (contexts) per player")
+    activation: str = opt("tanh", "hidden activation (tanh, relu, elu)")
+    out_scale: float = opt(3.0, "gain on the last layer's init (larger: start farther from uniform)")
+
+    def validate(self) -> None:
+        if self.lam < 0:
+            raise OptionError(f"lam: expected λ ≥ 0, got {self.lam}")
+        for k in ("width", "input_dim", "n_support"):
+            if getattr(self, k) < 1:
+                raise OptionError(f"{k}: expected a positive integer, got {getattr(self, k)}")
+        if self.depth < 0:
+            raise OptionError(f"depth: expected ≥ 0, got {self.depth}")
+
+
+class MatrixGame(Game):
+    """A λ-regularized zero-sum matrix game with softmax-of-MLP strategies."""
+
+    name = "matrix"
+    Options = MatrixOptions
+
+    def __init__(self, options: MatrixOptions, seed: int = 0) -> None:
+        super().__init__(options, seed)
+        o = options
+        M = torch.tensor(parse_payoff(o.payoff), dtype=torch.float64)
+        m, k = M.shape
+        with seeded(seed):
+            self.min_map = mlp(o.input_dim, o.width, o.depth, m, o.activation, nn.Softmax(-1), o.out_scale)
+            self.max_map = mlp(o.input_dim, o.width, o.depth, k, o.activation, nn.Softmax(-1), o.out_scale)
+            self.register_buffer("x_min", torch.randn(o.n_support, o.input_dim))
+            self.register_buffer("x_max", torch.randn(o.n_support, o.input_dim))
+        Fs, Gs = self.solve_equilibrium(M, o.lam)
+        self.register_buffer("M", M.float())
+        self.register_buffer("F_star", Fs.float())
+        self.register_buffer("G_star", Gs.float())
+        # keep the float64 values so .to(float64) restores full precision
+        self._exact = (M, Fs, Gs)
+
+    @staticmethod
+    def solve_equilibrium(M: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+        return solve_matrix_game(M, lam)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        # re-derive buffers from the float64 originals, then cast like x_min
+        M, Fs, Gs = self._exact
+        ref = self.x_min
+        self.M = M.to(device=ref.device, dtype=ref.dtype)
+        self.F_star = Fs.to(device=ref.device, dtype=ref.dtype)
+        self.G_star = Gs.to(device=ref.device, dtype=ref.dtype)
+        return self
+
+    def payoff(self, F: Tensor, G: Tensor, batch: Batch) -> Tensor:
+        lam = self.options.lam
+        m, k = self.M.shape
+        bil = ((F @ self.M) * G).sum(-1).mean()
+        reg = 0.5 * lam * ((F - 1.0 / m).pow(2).sum(-1).mean() - (G - 1.0 / k).pow(2).sum(-1).mean())
+        return bil + reg
+
+    def equilibrium(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        n_f, n_g = batch["x_min"].shape[0], batch["x_max"].shape[0]
+        return self.F_star.expand(n_f, -1), self.G_star.expand(n_g, -1)
+
+    def duality_gap(self, F: Tensor, G: Tensor, batch: Batch) -> Tensor:
+        # the payoff pairs support point i of F with point i of G
+        return matrix_game_gap(F, G, self.M, self.options.lam)
+
+
+@dataclass
+class RPSOptions:
+    lam: float = opt(0.1, "λ ≥ 0, strength of the regularizer (the paper uses 0.1)")
+    width: int = opt(32, "hidden width of each player's MLP")
+    depth: int = opt(2, "number of hidden layers")
+    input_dim: int = opt(4, "dimension of the fixed inputs x")
+    n_support: int = opt(1, "number of support points (contexts) per player")
+    activation: str = opt("tanh", "hidden activation (tanh, relu, elu)")
+    out_scale: float = opt(3.0, "gain on the last layer's init (larger: start farther from uniform)")
+
+    validate = MatrixOptions.validate
+
+
+class RPS(MatrixGame):
+    """Hidden rock-paper-scissors: the matrix game with ``M`` = RPS; equilibrium uniform."""
+
+    name = "rps"
+    Options = RPSOptions
+
+    def __init__(self, options: RPSOptions, seed: int = 0) -> None:
+        payoff = ";".join(",".join(str(x) for x in r) for r in RPS_MATRIX)
+        super().__init__(MatrixOptions(payoff=payoff, **vars(options)), seed)
+        self.options = options  # type: ignore[assignment]
+
+    @staticmethod
+    def solve_equilibrium(M: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+        u = torch.full((3,), 1.0 / 3, dtype=torch.float64)  # closed form: uniform, for every λ ≥ 0
+        return u, u.clone()

@@ -1,0 +1,149 @@
+"""Solvers: an update rule × a preconditioner × a step size, built from a registry.
+
+A named solver (``eg``, ``negmom``, later ``exact-natgrad`` …) is one registry
+line: which rule, which preconditioner, the rule's defaults, and a default step
+size per game. ``make_solver`` turns a name plus user options into a
+:class:`Solver`, whose :meth:`Solver.step` is a pure function of
+``(params, state, batch)`` returning one record of what it measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..games.base import Batch, Game, Params
+from ..registry import OptionError, Registry, build_options, check_positive
+from .oracle import BOTH, Oracle, hamiltonian_grad, vector_field
+from .precond import PRECONDITIONERS, Preconditioner
+from .rules import RULES, Rule
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A registry entry: rule × preconditioner with defaults."""
+
+    rule: str
+    precond: str = "identity"
+    rule_defaults: dict[str, Any] = field(default_factory=dict)
+    precond_defaults: dict[str, Any] = field(default_factory=dict)
+    #: default step size per game name; ``"*"`` is the fallback
+    lr: dict[str, float] = field(default_factory=dict)
+    summary: str = ""
+
+    def default_lr(self, game: str) -> float:
+        return self.lr.get(game, self.lr["*"])
+
+
+class Solver:
+    """``rule × preconditioner`` at step size ``lr``; functional in params and state."""
+
+    def __init__(self, name: str, rule: Rule, precond: Preconditioner, lr: float) -> None:
+        check_positive("lr (step size)", lr)
+        self.name, self.rule, self.precond, self.lr = name, rule, precond, float(lr)
+
+    def init(self, game: Game, params: Params) -> dict[str, Any]:
+        return {"rule": self.rule.init(params), "precond": self.precond.init(game, params)}
+
+    def step(self, game: Game, params: Params, state: dict[str, Any], batch: Batch) -> tuple[Params, dict, dict]:
+        """One update; returns ``(params, state, info)`` where ``info`` merges what the
+        rule and the preconditioner measured (field evaluations, CG iterations, …)."""
+        cell = [state["precond"]]
+
+        def precondition(p: Params, vec: Params, players: tuple[int, ...]) -> tuple[Params, dict]:
+            d, cell[0], info = self.precond.apply(game, p, batch, vec, cell[0], players)
+            return d, info
+
+        oracle = Oracle(game, batch, precondition)
+        new, rstate, info = self.rule.step(oracle, params, state["rule"], self.lr)
+        info = {**_merge_infos(oracle.infos), **info, "field_evals": oracle.calls}
+        return new, {"rule": rstate, "precond": cell[0]}, info
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule.name,
+            "precond": self.precond.name,
+            "lr": self.lr,
+            **dataclasses.asdict(self.rule.options),
+            **dataclasses.asdict(self.precond.options),
+        }
+
+
+def _merge_infos(infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """Numbers summed over the step's preconditioner calls (e.g. CG iterations), others last."""
+    out: dict[str, Any] = {}
+    for info in infos:
+        for k, v in info.items():
+            out[k] = out.get(k, 0) + v if k.endswith("_total") else v
+    return out
+
+
+SOLVERS: Registry[SolverSpec] = Registry("solver")
+
+
+def register_solver(name: str, spec: SolverSpec) -> SolverSpec:
+    RULES[spec.rule], PRECONDITIONERS[spec.precond]  # fail early on unknown parts
+    if "*" not in spec.lr:
+        raise ValueError(f"solver {name!r}: lr needs a '*' fallback")
+    return SOLVERS.register(name, spec)
+
+
+def make_solver(
+    name: str,
+    game: Game | str,
+    lr: float | None = None,
+    options: dict[str, Any] | None = None,
+) -> Solver:
+    """Build the named solver for ``game`` (a :class:`Game` or a game name).
+
+    ``options`` may set any option of the solver's rule or preconditioner (strings
+    are parsed); unknown keys raise an error that lists the valid ones.
+    """
+    spec = SOLVERS[name]
+    game_name = game if isinstance(game, str) else game.name
+    rule_cls, pre_cls = RULES[spec.rule], PRECONDITIONERS[spec.precond]
+    rule_fields = {f.name for f in dataclasses.fields(rule_cls.Options)}
+    pre_fields = {f.name for f in dataclasses.fields(pre_cls.Options)}
+    options = dict(options or {})
+    unknown = sorted(set(options) - rule_fields - pre_fields)
+    if unknown:
+        valid = ", ".join(sorted(rule_fields | pre_fields)) or "(none)"
+        raise OptionError(f"unknown option {unknown[0]!r} for solver {name!r}; expected one of: {valid}")
+    r_opts = {**spec.rule_defaults, **{k: v for k, v in options.items() if k in rule_fields}}
+    p_opts = {**spec.precond_defaults, **{k: v for k, v in options.items() if k in pre_fields}}
+    rule = rule_cls(build_options(rule_cls.Options, r_opts, owner=f"solver {name!r}"))
+    precond = pre_cls(build_options(pre_cls.Options, p_opts, owner=f"solver {name!r}"))
+    return Solver(name, rule, precond, spec.default_lr(game_name) if lr is None else lr)
+
+
+# The registry: one line per named solver. Step sizes were tuned on each game's
+# defaults (float64, seed 0) over a small grid; see benchmarks/ for the sweeps.
+_PLAIN = {
+    "gda": SolverSpec("gda", summary="simultaneous gradient descent-ascent",
+                      lr={"*": 0.05, "bilinear": 0.05, "rps": 0.05, "gan": 0.01}),
+    "alt-gda": SolverSpec("gda", rule_defaults={"alternating": True}, summary="alternating GDA (Gauss-Seidel)",
+                          lr={"*": 0.05, "bilinear": 0.1, "rps": 0.05, "gan": 0.01}),
+    "eg": SolverSpec("eg", summary="extragradient (Korpelevich)",
+                     lr={"*": 0.1, "bilinear": 0.3, "rps": 0.5, "gan": 0.01}),
+    "ogda": SolverSpec("ogda", summary="optimistic GDA (Popov / Daskalakis et al.)",
+                       lr={"*": 0.05, "bilinear": 0.2, "rps": 0.2, "gan": 0.01}),
+    "negmom": SolverSpec("gda", rule_defaults={"beta": -0.5, "alternating": True},
+                         summary="alternating GDA with negative momentum (Gidel et al. 2019)",
+                         lr={"*": 0.05, "bilinear": 0.3, "rps": 0.05, "gan": 0.01}),
+    "consensus": SolverSpec("consensus", summary="consensus optimization (Mescheder et al. 2017)",
+                            lr={"*": 0.05, "bilinear": 0.2, "rps": 0.05, "gan": 0.01}),
+    "hamiltonian": SolverSpec("hamiltonian", summary="Hamiltonian descent on ½‖v‖²",
+                              lr={"*": 0.1, "bilinear": 0.5, "rps": 0.5, "gan": 0.01}),
+    "nsgda": SolverSpec("nsgda", summary="normalized SGDA (per player or per layer)",
+                        lr={"*": 0.01, "bilinear": 0.01, "rps": 0.01, "gan": 0.005}),
+    "adam": SolverSpec("adam", summary="Adam-GDA, the practitioners' baseline",
+                       lr={"*": 0.001, "bilinear": 0.01, "rps": 0.005, "gan": 0.001}),
+}
+for _name, _spec in _PLAIN.items():
+    register_solver(_name, _spec)
+
+__all__ = [
+    "BOTH", "Oracle", "PRECONDITIONERS", "Preconditioner", "RULES", "Rule", "SOLVERS", "Solver",
+    "SolverSpec", "hamiltonian_grad", "make_solver", "register_solver", "vector_field",
+]

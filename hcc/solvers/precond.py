@@ -1,0 +1,54 @@
+"""Preconditioners: operators that apply (an approximation of) ``A_θ⁻¹`` to a field.
+
+The generalized natural-gradient flow (design.md §2) preconditions each player's
+gradient with the inverse of its Jacobian Gram matrix ``A_θ = E_x[J_θ(x)ᵀ J_θ(x)]``.
+A preconditioner is a small stateful operator: :meth:`Preconditioner.init` makes
+its state (running averages, warm starts) from the parameters, and
+:meth:`Preconditioner.apply` maps a field to a direction, returning what it
+measured. ``identity`` (plain gradients) gives the classic methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..games.base import Batch, Game, Params
+from ..registry import Registry
+
+
+class Preconditioner:
+    """Base class: ``apply`` returns ``(P⁻¹ vec, new_state, info)`` for ``players``."""
+
+    name: ClassVar[str] = "preconditioner"
+    Options: ClassVar[type]
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def init(self, game: Game, params: Params) -> Any:
+        return {}
+
+    def apply(
+        self, game: Game, params: Params, batch: Batch, vec: Params, state: Any, players: tuple[int, ...]
+    ) -> tuple[Params, Any, dict[str, Any]]:
+        raise NotImplementedError
+
+
+@dataclass
+class IdentityOptions:
+    pass
+
+
+class Identity(Preconditioner):
+    """``P = I``: the plain (Euclidean) gradient field."""
+
+    name = "identity"
+    Options = IdentityOptions
+
+    def apply(self, game, params, batch, vec, state, players):  # noqa: D102
+        return vec, state, {}
+
+
+PRECONDITIONERS: Registry[type[Preconditioner]] = Registry("preconditioner")
+PRECONDITIONERS.register("identity", Identity)
