@@ -203,8 +203,8 @@ def solve(
             f"V ≤ {tol:g} after {res.steps_to_tol} steps" if res.converged
             else f"ran {t} steps" + (f" without reaching V ≤ {tol:g}" if has_V else "")
         )
-    good = [r for r in res.history if all(isinstance(v, (int, float)) and math.isfinite(v) for v in r.values())]
-    res.final = dict(res.history[-1]) if res.status != "diverged" else dict(good[-1] if good else {})
+    # a diverged run's summary is its last sane record, the one before the divergence row
+    res.final = dict(res.history[-1] if res.status != "diverged" else res.history[-2] if len(res.history) > 1 else {})
     game.load_params(params) if all_finite(params) else None
     return res
 

@@ -7,11 +7,12 @@ from typing import Any
 from ..registry import Registry, build_options
 from .base import Batch, Game, Params, seeded
 from .bilinear import Bilinear
+from .gan import GAN
 from .matching_pennies import MatchingPennies
 from .matrix import RPS, MatrixGame
 
 GAMES: Registry[type[Game]] = Registry("game")
-for _g in (Bilinear, MatchingPennies, RPS, MatrixGame):
+for _g in (Bilinear, MatchingPennies, RPS, MatrixGame, GAN):
     GAMES.register(_g.name, _g)
 
 
@@ -24,4 +25,7 @@ def make_game(name: str, options: dict[str, Any] | None = None, seed: int = 0) -
     return cls(build_options(cls.Options, options, owner=f"game {name!r}"), seed=seed)
 
 
-__all__ = ["GAMES", "RPS", "Batch", "Bilinear", "Game", "MatchingPennies", "MatrixGame", "Params", "make_game", "seeded"]
+__all__ = [
+    "GAMES", "GAN", "RPS", "Batch", "Bilinear", "Game", "MatchingPennies", "MatrixGame", "Params", "make_game",
+    "seeded",
+]

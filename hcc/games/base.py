@@ -33,10 +33,19 @@ Batch = dict[str, Tensor]
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run a block under ``torch.manual_seed(seed)`` without touching the global RNG."""
+    """Run a block under ``torch.manual_seed(seed)`` without touching the global RNG.
+
+    Construction happens in float32 whatever the global default dtype, so a seed
+    gives the same game everywhere; cast afterwards with ``.to(dtype)``.
+    """
+    old = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        yield
+        torch.set_default_dtype(torch.float32)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(old)
 
 
 class Game(nn.Module):

@@ -24,7 +24,7 @@ from .maps import mlp
 
 @dataclass
 class MatchingPenniesOptions:
-    lam: float = opt(0.0, "λ ≥ 0, strength of the regularizer (λ > 0: strictly convex-concave)")
+    lam: float = opt(0.1, "λ ≥ 0, strength of the regularizer (λ > 0: strictly convex-concave; 0: the pure game)")
     width: int = opt(8, "hidden width of each player's network")
     depth: int = opt(2, "number of hidden layers")
     input_dim: int = opt(2, "dimension of the fixed input x")

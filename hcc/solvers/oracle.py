@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
 from torch.func import vjp
 
 from ..games.base import Batch, Game, Params
@@ -60,6 +59,8 @@ class Oracle:
     precondition_fn: Callable[[Params, Params, tuple[int, ...]], tuple[Params, dict[str, Any]]]
     infos: list[dict[str, Any]] = field(default_factory=list)
     calls: int = 0
+    #: optional fused ``params, players ↦ (P⁻¹ v(params), info)`` (the preconditioner's fast path)
+    direction_fn: Callable[[Params, tuple[int, ...]], tuple[Params, dict[str, Any]]] | None = None
 
     def field(self, params: Params) -> Params:
         self.calls += 1
@@ -72,6 +73,11 @@ class Oracle:
 
     def direction(self, params: Params, players: tuple[int, ...] = BOTH) -> Params:
         """The preconditioned field ``P⁻¹ v`` (only ``players`` are preconditioned)."""
+        if self.direction_fn is not None:
+            self.calls += 1
+            d, info = self.direction_fn(params, players)
+            self.infos.append(info)
+            return d
         return self.precondition(params, self.field(params), players)
 
     def hamiltonian_grad(self, params: Params) -> tuple[Params, Params]:

@@ -6,6 +6,12 @@ A preconditioner is a small stateful operator: :meth:`Preconditioner.init` makes
 its state (running averages, warm starts) from the parameters, and
 :meth:`Preconditioner.apply` maps a field to a direction, returning what it
 measured. ``identity`` (plain gradients) gives the classic methods.
+
+A preconditioner may also offer a fused :meth:`Preconditioner.direction` (set
+``fused_direction = True``) that computes the preconditioned *field* ``P⁻¹ v``
+without the parameter-space field, e.g. from the function-space gradients
+``∂ℓ_p/∂F_p`` (the exact natural gradient's row-space form); the oracle uses it
+whenever a rule asks for the preconditioned field.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any, ClassVar
 
 from ..games.base import Batch, Game, Params
 from ..registry import Registry
+from .oracle import vector_field
 
 
 class Preconditioner:
@@ -22,6 +29,8 @@ class Preconditioner:
 
     name: ClassVar[str] = "preconditioner"
     Options: ClassVar[type]
+    #: True when :meth:`direction` is faster than ``apply(vector_field(...))``
+    fused_direction: ClassVar[bool] = False
 
     def __init__(self, options: Any) -> None:
         self.options = options
@@ -33,6 +42,12 @@ class Preconditioner:
         self, game: Game, params: Params, batch: Batch, vec: Params, state: Any, players: tuple[int, ...]
     ) -> tuple[Params, Any, dict[str, Any]]:
         raise NotImplementedError
+
+    def direction(
+        self, game: Game, params: Params, batch: Batch, state: Any, players: tuple[int, ...]
+    ) -> tuple[Params, Any, dict[str, Any]]:
+        """The preconditioned field ``P⁻¹ v(params)``; by default ``apply`` on :func:`vector_field`."""
+        return self.apply(game, params, batch, vector_field(game, params, batch), state, players)
 
 
 @dataclass

@@ -76,18 +76,19 @@ class GDA(Rule):
 
     def step(self, oracle, params, state, lr):  # noqa: D102
         beta = self.options.beta
+
+        def heavy_ball(i: int, p: Params, d: Params) -> dict:
+            moved = axpy(-lr, d[i], p[i])
+            return axpy(beta, sub(p[i], state["prev"][i]), moved) if beta != 0 else moved
+
         if self.options.alternating:
-            d_th = oracle.direction(params, players=(0,))[0]
-            th = axpy(-lr, d_th, params[0])
-            d_ph = oracle.direction((th, params[1]), players=(1,))[1]
-            ph = axpy(-lr, d_ph, params[1])
+            th = heavy_ball(0, params, oracle.direction(params, players=(0,)))
+            ph = heavy_ball(1, params, oracle.direction((th, params[1]), players=(1,)))
             new = (th, ph)
         else:
-            new = axpy(-lr, oracle.direction(params), params)
-        if beta != 0:
-            new = axpy(beta, sub(params, state["prev"]), new)
-            state = {"prev": params}
-        return new, state, {}
+            d = oracle.direction(params)
+            new = (heavy_ball(0, params, d), heavy_ball(1, params, d))
+        return new, ({"prev": params} if beta != 0 else state), {}
 
 
 # -- extragradient and optimistic GDA ------------------------------------------------------

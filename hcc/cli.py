@@ -1,0 +1,302 @@
+"""The ``hcc`` command line: ``hcc solve`` runs one game × solver, ``hcc list`` shows the registries.
+
+Every choice the CLI offers is read from the registries (:data:`hcc.GAMES`,
+:data:`hcc.SOLVERS`, :data:`hcc.RULES`, :data:`hcc.PRECONDITIONERS`), so a newly
+registered game or solver appears here without touching this file.
+
+Exit codes: 0 success (converged or ran its steps), 2 bad input (a one-line
+``Error: …`` naming what was expected), 3 the run diverged (its files are still written).
+
+.. code-block:: console
+
+    $ hcc solve rps --solver eg --out runs/rps-eg
+    $ hcc solve matrix --solver eg --payoff "0,1;1,0" --game-opt lam=0.2
+    $ hcc list solvers
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .games import GAMES
+from .registry import OptionError, Registry, check_positive, options_table, parse_key_values
+from .run import DTYPES, Result, run
+from .solvers import PRECONDITIONERS, RULES, SOLVERS
+
+#: exit code of a run that diverged (its files are written all the same)
+EXIT_DIVERGED = 3
+#: metrics shown by the progress bar, first one present wins (the GAN has no V)
+_PROGRESS_METRICS = (("lyapunov", "V"), ("mmd", "mmd"), ("field_norm", "|v|"))
+#: summary labels, in order; other recorded metrics follow under their own names
+_SUMMARY_LABELS = {
+    "lyapunov": "V (Lyapunov)",
+    "exploitability": "exploitability",
+    "field_norm": "field norm |v|",
+    "payoff": "payoff",
+}
+
+
+class InputError(click.ClickException):
+    """Bad user input: printed as one line ``Error: <message>``, exit code 2 (like click's usage errors)."""
+
+    exit_code = 2
+
+
+class RegistryChoice(click.ParamType):
+    """A name from a :class:`~hcc.registry.Registry`, read when parsing (so late registrations count)."""
+
+    def __init__(self, registry: Registry[Any]) -> None:
+        self.registry = registry
+        self.name = registry.kind
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + "|".join(self.registry) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            self.registry[value]
+        except OptionError as e:
+            raise InputError(str(e)) from None
+        return value
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(n) for n in self.registry if n.startswith(incomplete)]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="hcc")
+def main() -> None:
+    """Hidden convex-concave games and generalized natural-gradient flows."""
+
+
+# -- hcc solve --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("game", type=RegistryChoice(GAMES))
+@click.option("--solver", "-s", type=RegistryChoice(SOLVERS), required=True, help="Solver name (see `hcc list`).")
+@click.option("--steps", type=int, default=None, help="Maximum steps  [default: the game's default_steps]")
+@click.option("--lr", type=float, default=None, help="Step size h  [default: the solver's default for the game]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the maps' init and the sampling.")
+@click.option("--tol", type=float, default=1e-6, show_default=True, help="Stop when V <= tol.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", default="float64", show_default=True, help=" or ".join(DTYPES) + ".")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder  [default: a new runs/<game>-<solver>-<timestamp>]")
+@click.option("--game-opt", "-g", multiple=True, metavar="KEY=VALUE", help="Game option (repeatable).")
+@click.option("--solver-opt", "-S", multiple=True, metavar="KEY=VALUE", help="Rule/preconditioner option (repeatable).")
+@click.option("--payoff", default=None, metavar="FILE|ROWS",
+              help="Payoff matrix (CSV file or inline 'a,b;c,d'); short for --game-opt payoff=...")
+@click.option("--log-every", type=int, default=1, show_default=True, help="Record metrics every K steps.")
+@click.option("--no-stop-at-tol", is_flag=True, help="Keep running after V <= tol.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar; a one-line summary.")
+def solve(
+    game: str, solver: str, steps: int | None, lr: float | None, seed: int, tol: float, device: str, dtype: str,
+    out: Path | None, game_opt: tuple[str, ...], solver_opt: tuple[str, ...], payoff: str | None,
+    log_every: int, no_stop_at_tol: bool, quiet: bool,
+) -> None:
+    """Solve GAME with a solver; write result.json, history.csv and lyapunov.png.
+
+    Exits 0 when the run ends normally (converged or not: see the summary and
+    result.json), 2 on bad input, 3 if the run diverged.
+    """
+    with _input_errors():
+        check_positive("--steps", steps)
+        check_positive("--lr", lr)
+        check_positive("--tol", tol)
+        check_positive("--log-every", log_every)
+        game_options = parse_key_values(game_opt)
+        solver_options = parse_key_values(solver_opt)
+        if payoff is not None:
+            game_options["payoff"] = _payoff_option(game, payoff, game_options)
+    n_steps = steps if steps is not None else GAMES[game].default_steps
+    started = time.strftime("%Y%m%d-%H%M%S")
+
+    with _progress(n_steps, quiet) as progress, _input_errors():
+        res = run(game, solver, game_options=game_options, solver_options=solver_options, lr=lr, steps=steps,
+                  tol=tol, seed=seed, device=device, dtype=dtype, log_every=log_every,
+                  stop_at_tol=not no_stop_at_tol, progress=progress)
+
+    out = out if out is not None else _new_run_dir(Path("runs"), f"{game}-{solver}-{started}")
+    res.save(out)
+    _summary(res, out, quiet)
+    if res.status == "diverged":
+        click.echo(f"Error: the run {res.message}; its record is in {out}", err=True)
+        click.get_current_context().exit(EXIT_DIVERGED)
+
+
+def _payoff_option(game: str, payoff: str, game_options: Mapping[str, str]) -> str:
+    """Check that ``--payoff`` applies to ``game`` and is not given twice."""
+    if "payoff" not in {f.name for f in dataclasses.fields(GAMES[game].Options)}:
+        takes = [g for g in GAMES if "payoff" in {f.name for f in dataclasses.fields(GAMES[g].Options)}]
+        raise OptionError(f"--payoff: expected a game with a payoff matrix ({', '.join(takes) or 'none'}), "
+                          f"got {game!r}")
+    if "payoff" in game_options:
+        raise OptionError("--payoff: expected the payoff once, got both --payoff and --game-opt payoff=...")
+    return payoff
+
+
+@contextlib.contextmanager
+def _input_errors() -> Iterator[None]:
+    """Turn :class:`OptionError` into a one-line ``Error: …`` with exit code 2."""
+    try:
+        yield
+    except OptionError as e:
+        raise InputError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _progress(steps: int, quiet: bool) -> Iterator[Callable[[int, dict[str, float]], None] | None]:
+    """A progress bar on stderr fed by :func:`hcc.run.run`'s ``progress(step, row)`` callback.
+
+    The bar opens at the first recorded step, so errors while building the game print alone.
+    """
+    if quiet:
+        yield None
+        return
+    shown = [""]
+    with contextlib.ExitStack() as stack:
+        bars: list[Any] = []
+
+        def update(step: int, row: dict[str, float]) -> None:
+            if not bars:
+                bars.append(stack.enter_context(click.progressbar(
+                    length=steps, label="solving", file=sys.stderr, item_show_func=lambda _: shown[0],
+                    show_eta=False, width=30)))
+            for key, name in _PROGRESS_METRICS:
+                if key in row:
+                    shown[0] = f"step {step}  {name} = {row[key]:.3e}"
+                    break
+            bars[0].update(step - bars[0].pos)
+
+        yield update
+
+
+def _new_run_dir(root: Path, stem: str) -> Path:
+    """Create and return ``root/stem`` (``stem-2``, ``stem-3``, … if taken)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 10_000):
+        path = root / (stem if i == 1 else f"{stem}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise click.ClickException(f"could not create a new folder {root / stem}-N")
+
+
+def _summary(res: Result, out: Path, quiet: bool) -> None:
+    if quiet:
+        click.echo(f"{res.status}: {res.message} [{res.wall_time_s:.2f} s] -> {out}")
+        return
+    lr = res.solver_options.get("lr")
+    lines = [
+        f"{res.game} x {res.solver} (lr = {lr:g}, seed {res.seed}, {res.device}/{res.dtype})",
+        f"  status          {res.status}: {res.message}",
+        f"  steps run       {res.steps_run}",
+        f"  steps to tol    {res.steps_to_tol if res.steps_to_tol is not None else '-'}"
+        + (f"  (tol {res.tol:g})" if res.converged is not None else "  (no V for this game)"),
+    ]
+    if res.diverged_at is not None:
+        lines.append(f"  diverged at     step {res.diverged_at}")
+    final = {k: v for k, v in res.final.items() if k not in ("step", "time_s")}
+    keys = [k for k in _SUMMARY_LABELS if k in final] + [k for k in final if k not in _SUMMARY_LABELS]
+    if keys:
+        where = f" (step {res.final['step']:g})" if "step" in res.final else ""
+        lines.append(f"  final{where}:")
+        lines += [f"    {_SUMMARY_LABELS.get(k, k):<16}{_fmt(final[k])}" for k in keys]
+    lines += [f"  wall time       {res.wall_time_s:.2f} s", f"  output          {out}"]
+    click.echo("\n".join(lines))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float) and math.isfinite(v) and v != int(v):
+        return f"{v:.4g}"
+    return str(int(v)) if isinstance(v, float) and math.isfinite(v) else str(v)
+
+
+# -- hcc list ---------------------------------------------------------------------------------
+
+_SECTIONS = ("games", "solvers", "rules", "preconditioners")
+
+
+@main.command(name="list")
+@click.argument("what", type=click.Choice(_SECTIONS), required=False)
+def list_(what: str | None) -> None:
+    """List games, solvers, update rules and preconditioners with their options.
+
+    WHAT restricts the listing to one section.
+    """
+    sections: dict[str, Callable[[], list[str]]] = {
+        "games": _list_games, "solvers": _list_solvers, "rules": lambda: _list_parts(RULES),
+        "preconditioners": lambda: _list_parts(PRECONDITIONERS),
+    }
+    blocks = [[f"{name.upper()}", *sections[name]()] for name in (_SECTIONS if what is None else (what,))]
+    click.echo("\n\n".join("\n".join(b) for b in blocks))
+
+
+def _list_games() -> list[str]:
+    lines = []
+    for name, cls in GAMES.items():
+        lines.append(f"  {name}  (default steps {cls.default_steps}) - {_first_line(cls.__doc__)}")
+        lines += _option_lines(cls.Options)
+    return lines
+
+
+def _list_solvers() -> list[str]:
+    lines = []
+    for name, spec in SOLVERS.items():
+        rule, pre = RULES[spec.rule], PRECONDITIONERS[spec.precond]
+        lrs = "  ".join(f"{g}={spec.default_lr(g):g}" for g in GAMES)
+        lines += [
+            f"  {name} - {spec.summary}",
+            f"    rule {spec.rule}, preconditioner {spec.precond}",
+            f"    default lr: {lrs}",
+        ]
+        lines += _option_lines(rule.Options, spec.rule_defaults) + _option_lines(pre.Options, spec.precond_defaults)
+    return lines
+
+
+def _list_parts(registry: Registry[Any]) -> list[str]:
+    lines = []
+    for name, cls in registry.items():
+        lines.append(f"  {name} - {_first_line(cls.__doc__)}")
+        lines += _option_lines(cls.Options)
+    return lines
+
+
+def _option_lines(options_cls: type, defaults: Mapping[str, Any] | None = None) -> list[str]:
+    """``name: type = default  help`` rows, with ``defaults`` (a solver's presets) shown as the default."""
+    hints = typing.get_type_hints(options_cls)
+    rows = [(n, _type_name(hints[n], t), (defaults or {}).get(n, d), h) for n, t, d, h in options_table(options_cls)]
+    if not rows:
+        return []
+    heads = [f"{n}: {t} = {d!r}" for n, t, d, _ in rows]
+    width = max(map(len, heads))
+    return [f"      {h:<{width}}  {help_}" for h, (*_, help_) in zip(heads, rows)]
+
+
+def _type_name(tp: Any, name: str) -> str:
+    """``a|b|c`` for a ``Literal``; otherwise the name :func:`options_table` gives."""
+    return "|".join(map(str, typing.get_args(tp))) if typing.get_origin(tp) is typing.Literal else name
+
+
+def _first_line(doc: str | None) -> str:
+    """The docstring's summary line without reST markup."""
+    return (doc or "").strip().split("\n")[0].rstrip(".").replace("``", "").replace(":math:", "")
+
+
+__all__ = ["EXIT_DIVERGED", "InputError", "RegistryChoice", "main"]

@@ -1,0 +1,173 @@
+"""Plots of saved runs: Lyapunov decay, duality gap, field norm, GAN sample quality.
+
+Plots read :class:`~hcc.run.Result` records only (design.md §5: plots read saved
+results). Figures are built with the object-oriented API (:class:`~matplotlib.figure.Figure`,
+no ``pyplot``), so nothing touches the global backend or needs a display, and no
+figure is left open.
+
+The building block is :func:`plot_metric`: one metric's curve for a list of runs on
+one ``Axes``. :func:`plot_run` arranges it into the per-run panels that ``hcc solve``
+saves; a comparison of several runs is ``plot_metric(ax, results, "lyapunov")``.
+
+>>> from hcc import run
+>>> from hcc.plots import plot_run
+>>> path = plot_run(run("rps", "eg", steps=50), "rps-eg.png")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from matplotlib import ticker
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .metrics import LOG_METRICS
+
+if TYPE_CHECKING:
+    from .run import Result
+
+#: axis labels (with what the quantity is) for the metrics runs record
+LABELS: dict[str, str] = {
+    "lyapunov": "V (function-space Lyapunov)",
+    "exploitability": "exploitability (duality gap)",
+    "field_norm": "‖v‖ (vector-field norm)",
+    "payoff": "payoff Ψ",
+    "mmd": "MMD to the data",
+    "modes_covered": "modes covered",
+    "high_quality": "high-quality share",
+    "d_distance": "|D − ½| (discriminator)",
+    "time_s": "solver time (s)",
+    "step": "iteration",
+}
+#: panel titles
+TITLES: dict[str, str] = {
+    "lyapunov": "Lyapunov function", "exploitability": "duality gap", "field_norm": "vector-field norm",
+    "mmd": "MMD", "modes_covered": "mode coverage", "high_quality": "sample quality",
+}
+#: panels of a run with a Lyapunov function, and of one without (GANs), in order
+V_PANELS = ("lyapunov", "exploitability", "field_norm")
+GAN_PANELS = ("mmd", "modes_covered", "high_quality")
+#: counts, drawn with integer ticks
+INTEGER_METRICS = frozenset({"modes_covered"})
+#: GAN metrics that span decades
+_LOG = frozenset(LOG_METRICS) | {"mmd"}
+
+
+def series(result: Result, metric: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` arrays of ``metric`` over the run's history; missing/None values are NaN."""
+    xs = [_num(r.get(x)) for r in result.history]
+    ys = [_num(r.get(metric)) for r in result.history]
+    return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+
+
+def run_label(result: Result) -> str:
+    """A short legend entry: ``solver (lr = h)``."""
+    lr = result.solver_options.get("lr")
+    return f"{result.solver} (lr = {lr:g})" if isinstance(lr, (int, float)) else result.solver
+
+
+def plot_metric(
+    ax: Axes,
+    results: Sequence[Result],
+    metric: str,
+    *,
+    x: str = "step",
+    labels: Sequence[str] | None = None,
+    log: bool | None = None,
+    tol: float | None = None,
+) -> Axes:
+    """Draw ``metric`` against ``x`` for each run in ``results`` onto ``ax``.
+
+    ``log`` defaults to a log y axis for decaying metrics (:data:`hcc.metrics.LOG_METRICS`,
+    MMD); non-positive and non-finite values are masked there rather than breaking
+    the scale. A run that diverged gets an ``x`` marker at its divergence step; ``tol``
+    draws a dashed horizontal line.
+    """
+    log = metric in _LOG if log is None else log
+    labels = list(labels) if labels is not None else [run_label(r) for r in results]
+    drawn = False
+    for res, label in zip(results, labels):
+        xs, ys = series(res, metric, x)
+        ok = np.isfinite(xs) & np.isfinite(ys) & ((ys > 0) if log else True)
+        if not ok.any():
+            continue
+        # markers on short runs, so points isolated by masked neighbours still show
+        marker = "." if ok.sum() <= 60 else None
+        (line,) = ax.plot(xs, np.where(ok, ys, np.nan), lw=1.5, marker=marker, ms=4, label=label)
+        drawn = True
+        if res.diverged_at is not None and x == "step":
+            ax.axvline(res.diverged_at, ls=":", lw=1.2, color=line.get_color(),
+                       label=f"diverged at step {res.diverged_at}")
+            hit = ok & (xs == res.diverged_at)
+            if hit.any():
+                ax.plot(xs[hit], ys[hit], "x", ms=9, mew=2, color=line.get_color())
+    if tol is not None and tol > 0:
+        ax.axhline(tol, ls="--", lw=1, color="0.4", label=f"tol = {tol:g}")
+    if log and (drawn or tol):
+        ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        if hi < 10 * lo:  # under a decade minor ticks get labels: "0.25" reads better than "2.5×10⁻¹"
+            plain = ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+    if metric in INTEGER_METRICS:
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    if not drawn:
+        ax.text(0.5, 0.5, "no data" + (" > 0" if log else ""), transform=ax.transAxes, ha="center",
+                va="center", color="0.5")
+    ax.set_xlabel(LABELS.get(x, x))
+    ax.set_ylabel(LABELS.get(metric, metric))
+    ax.grid(True, which="major", alpha=0.3)
+    return ax
+
+
+def run_figure(result: Result) -> Figure:
+    """The per-run figure: V, duality gap and field norm, or the GAN panels without V."""
+    keys = {k for r in result.history for k in r}
+    panels = [m for m in (V_PANELS if "lyapunov" in keys else GAN_PANELS) if m in keys]
+    panels = panels or [m for m in ("field_norm", "payoff") if m in keys][:1] or ["payoff"]
+    fig = Figure(figsize=(4.6 * len(panels), 3.9), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, metric in zip(axes, panels):
+        plot_metric(ax, [result], metric, tol=result.tol if metric == "lyapunov" else None)
+        ax.set_title(TITLES.get(metric, metric), fontsize=10)
+        if ax.get_legend_handles_labels()[0] and (metric == panels[0] or result.diverged_at is not None):
+            ax.legend(fontsize=8, loc="best")
+    fig.suptitle(_title(result), fontsize=11)
+    return fig
+
+
+def plot_run(result: Result, path: str | Path, dpi: int = 150) -> Path:
+    """Save :func:`run_figure` of ``result`` as a PNG at ``path``; returns the path."""
+    path = Path(path)
+    run_figure(result).savefig(path, dpi=dpi)
+    return path
+
+
+def _title(result: Result) -> str:
+    lr = result.solver_options.get("lr")
+    head = f"{result.game} · {result.solver}" + (f" · step size {lr:g}" if isinstance(lr, (int, float)) else "")
+    if result.status == "converged":
+        tail = f"V ≤ {result.tol:g} after {result.steps_to_tol} steps"
+    elif result.status == "diverged":
+        tail = f"diverged at step {result.diverged_at}"
+    elif result.converged is False:
+        tail = f"V > {result.tol:g} after {result.steps_run} steps"
+    else:
+        tail = f"{result.steps_run} steps"
+    return f"{head} — {tail}"
+
+
+def _num(v: Any) -> float:
+    """A history value as a float; ``None`` (NaN/inf in result.json) and non-numbers → NaN."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return math.nan
+    return float(v)
+
+
+__all__ = ["GAN_PANELS", "LABELS", "TITLES", "V_PANELS", "plot_metric", "plot_run", "run_figure", "run_label", "series"]
