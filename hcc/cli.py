@@ -87,7 +87,11 @@ def main() -> None:
 
 @main.command()
 @click.argument("game", type=RegistryChoice(GAMES))
-@click.option("--solver", "-s", type=RegistryChoice(SOLVERS), required=True, help="Solver name (see `hcc list`).")
+@click.option("--solver", "-s", type=RegistryChoice(SOLVERS), default=None,
+              help="Solver name (see `hcc list`); or give --rule [--precond].")
+@click.option("--rule", type=RegistryChoice(RULES), default=None, help="Update rule, composed with --precond.")
+@click.option("--precond", type=RegistryChoice(PRECONDITIONERS), default=None,
+              help="Preconditioner for --rule  [default: identity]")
 @click.option("--steps", type=int, default=None, help="Maximum steps  [default: the game's default_steps]")
 @click.option("--lr", type=float, default=None, help="Step size h  [default: the solver's default for the game]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the maps' init and the sampling.")
@@ -104,7 +108,8 @@ def main() -> None:
 @click.option("--no-stop-at-tol", is_flag=True, help="Keep running after V <= tol.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; a one-line summary.")
 def solve(
-    game: str, solver: str, steps: int | None, lr: float | None, seed: int, tol: float, device: str, dtype: str,
+    game: str, solver: str | None, rule: str | None, precond: str | None, steps: int | None, lr: float | None,
+    seed: int, tol: float, device: str, dtype: str,
     out: Path | None, game_opt: tuple[str, ...], solver_opt: tuple[str, ...], payoff: str | None,
     log_every: int, no_stop_at_tol: bool, quiet: bool,
 ) -> None:
@@ -113,6 +118,7 @@ def solve(
     Exits 0 when the run ends normally (converged or not: see the summary and
     result.json), 2 on bad input, 3 if the run diverged.
     """
+    solver = _solver_name(solver, rule, precond)
     with _input_errors():
         check_positive("--steps", steps)
         check_positive("--lr", lr)
@@ -136,6 +142,18 @@ def solve(
     if res.status == "diverged":
         click.echo(f"Error: the run {res.message}; its record is in {out}", err=True)
         click.get_current_context().exit(EXIT_DIVERGED)
+
+
+def _solver_name(solver: str | None, rule: str | None, precond: str | None) -> str:
+    """``--solver NAME`` or ``--rule R [--precond P]`` → a name :func:`~hcc.solvers.make_solver` takes."""
+    if solver is not None and (rule or precond):
+        raise InputError(f"expected --solver or --rule/--precond, got both (--solver {solver} and "
+                         f"--{'rule ' + rule if rule else 'precond ' + str(precond)})")
+    if solver is not None:
+        return solver
+    if rule is None:
+        raise InputError("expected --solver NAME or --rule NAME [--precond NAME], got neither (see `hcc list`)")
+    return f"{rule}+{precond or 'identity'}"
 
 
 def _payoff_option(game: str, payoff: str, game_options: Mapping[str, str]) -> str:

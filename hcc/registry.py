@@ -52,6 +52,9 @@ class Registry(Generic[T], Mapping[str, T]):
                 f"unknown {self.kind} {name!r}; expected one of: {', '.join(self._entries)}"
             ) from None
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

@@ -224,3 +224,38 @@ def test_plot_gan_panels(tmp_path: Path) -> None:
              "d_distance": 0.1, "payoff": 0.5} for t in range(10)]
     res = _fake(hist, status="max_steps", steps_run=9)
     assert_png(plot_run(res, tmp_path / "gan.png"))
+
+
+# -- hcc solve --rule × --precond ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", ["kfac-natgrad", "cg-natgrad", "exact-natgrad"])
+def test_solve_rps_natural_solvers_converge_with_defaults(tmp_path: Path, solver: str) -> None:
+    res = hcc("solve", "rps", "--solver", solver, "-q", "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    data = load(tmp_path)
+    assert data["converged"] is True and data["final"]["lyapunov"] <= 1e-6
+
+
+def test_solve_rule_times_precond(tmp_path: Path) -> None:
+    res = hcc("solve", "rps", "--rule", "ogda", "--precond", "exact", "--lr", "0.3", "-q", "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    data = load(tmp_path)
+    assert data["solver"] == "ogda+exact" and data["solver_options"]["lr"] == 0.3
+    assert data["converged"] is True
+
+
+def test_rule_alone_uses_the_identity(tmp_path: Path) -> None:
+    res = hcc("solve", "bilinear", "--rule", "eg", "--steps", "5", "-q", "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    assert load(tmp_path)["solver"] == "eg+identity"
+
+
+@pytest.mark.parametrize("args, needle", [
+    ((), "got neither"),
+    (("--solver", "eg", "--rule", "eg"), "got both"),
+    (("--precond", "exact"), "got neither"),
+    (("--rule", "eg", "--precond", "nope"), "expected one of: identity"),
+])
+def test_solver_choice_errors(tmp_path: Path, args: tuple[str, ...], needle: str) -> None:
+    assert_one_line_error(hcc("solve", "rps", *args, "--out", tmp_path), needle)

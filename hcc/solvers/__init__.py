@@ -130,9 +130,14 @@ def make_solver(
 ) -> Solver:
     """Build the named solver for ``game`` (a :class:`Game` or a game name).
 
-    ``options`` may set any option of the solver's rule or preconditioner (strings
-    are parsed); unknown keys raise an error that lists the valid ones.
+    ``name`` is a registered solver or a composite ``RULE+PRECOND`` (e.g.
+    ``ogda+cg``, see :func:`compose_solver`). ``options`` may set any option of the
+    solver's rule or preconditioner (strings are parsed); unknown keys raise an
+    error that lists the valid ones.
     """
+    if name not in SOLVERS and "+" in name:
+        rule, _, precond = name.partition("+")
+        return compose_solver(rule, precond, game, lr=lr, options=options)
     spec = SOLVERS[name]
     game_name = game if isinstance(game, str) else game.name
     lr = spec.default_lr(game_name) if lr is None else lr
