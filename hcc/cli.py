@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
 from . import __version__
-from .games import GAMES
+from .games import GAMES, Params, make_game
+from .plots import gan_samples_figure, snapshot_steps
 from .registry import OptionError, Registry, check_positive, options_table, parse_key_values
 from .run import DTYPES, Result, run
 from .solvers import PRECONDITIONERS, RULES, SOLVERS
@@ -131,17 +133,43 @@ def solve(
     n_steps = steps if steps is not None else GAMES[game].default_steps
     started = time.strftime("%Y%m%d-%H%M%S")
 
+    snapshots = _Snapshots(n_steps) if hasattr(GAMES[game], "samples") else None
     with _progress(n_steps, quiet) as progress, _input_errors():
         res = run(game, solver, game_options=game_options, solver_options=solver_options, lr=lr, steps=steps,
                   tol=tol, seed=seed, device=device, dtype=dtype, log_every=log_every,
-                  stop_at_tol=not no_stop_at_tol, progress=progress)
+                  stop_at_tol=not no_stop_at_tol, progress=progress, callback=snapshots)
 
     out = out if out is not None else _new_run_dir(Path("runs"), f"{game}-{solver}-{started}")
     res.save(out)
+    if snapshots is not None and snapshots.params:
+        snapshots.save(make_game(game, game_options, seed=seed), res, out / "samples.png")
     _summary(res, out, quiet)
     if res.status == "diverged":
         click.echo(f"Error: the run {res.message}; its record is in {out}", err=True)
         click.get_current_context().exit(EXIT_DIVERGED)
+
+
+class _Snapshots:
+    """A ``solve`` callback keeping the iterate at ~6 evenly spaced logged steps (GAN sample grids)."""
+
+    def __init__(self, steps: int) -> None:
+        self.targets = snapshot_steps(steps)
+        self.params: dict[int, Params] = {}
+
+    def __call__(self, step: int, params: Params) -> None:
+        if self.targets and step >= self.targets[0]:
+            while self.targets and step >= self.targets[0]:
+                self.targets.pop(0)
+            self.params[step] = tuple({k: v.detach().clone() for k, v in p.items()} for p in params)  # type: ignore
+
+    def save(self, game: Any, res: Result, path: Path) -> None:
+        """Draw the samples at the kept steps (and the run's last sane step) next to the data."""
+        game = game.to(torch.float64)
+        shots = [(t, game.samples(tuple({k: v.to(torch.float64) for k, v in d.items()} for d in p))[0])
+                 for t, p in sorted(self.params.items())]
+        real = game.samples(next(iter(self.params.values())))[1]
+        gan_samples_figure(real, shots, title=f"{res.game} · {res.solver}: generator samples over training").savefig(
+            path, dpi=120)
 
 
 def _solver_name(solver: str | None, rule: str | None, precond: str | None) -> str:

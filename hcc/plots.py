@@ -149,6 +149,40 @@ def plot_run(result: Result, path: str | Path, dpi: int = 150) -> Path:
     return path
 
 
+def gan_samples_figure(
+    real: Any, snapshots: Sequence[tuple[int, Any]], title: str = "generator samples over training"
+) -> Figure:
+    """A row of scatter panels: the data (grey) and the generator's samples (colour) at each step.
+
+    ``snapshots`` is ``[(step, samples (n, 2)), …]``, e.g. collected with
+    :func:`hcc.run.solve`'s ``callback`` and :meth:`hcc.games.gan.GAN.samples`.
+    All panels share the data's limits, so mode collapse and drift read at a glance.
+    """
+    real = np.asarray(real, dtype=float)
+    lo, hi = real.min(axis=0), real.max(axis=0)
+    pad = 0.25 * (hi - lo).max() + 0.1
+    n = max(len(snapshots), 1)
+    fig = Figure(figsize=(2.6 * n, 2.9), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (step, fake) in zip(axes, snapshots):
+        fake = np.asarray(fake, dtype=float)
+        ax.scatter(real[:, 0], real[:, 1], s=3, c="0.7", label="data")
+        ax.scatter(fake[:, 0], fake[:, 1], s=3, c="C3", alpha=0.6, label="generator")
+        ax.set_xlim(lo[0] - pad, hi[0] + pad)
+        ax.set_ylim(lo[1] - pad, hi[1] + pad)
+        ax.set_aspect("equal")
+        ax.set_title(f"step {step}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7, loc="upper left", markerscale=3)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def snapshot_steps(steps: int, n: int = 6) -> list[int]:
+    """``n`` evenly spaced steps from 0 to ``steps`` (the panels of a sample grid)."""
+    return sorted({round(i * steps / (n - 1)) for i in range(n)})
+
+
 def _title(result: Result) -> str:
     lr = result.solver_options.get("lr")
     head = f"{result.game} · {result.solver}" + (f" · step size {lr:g}" if isinstance(lr, (int, float)) else "")
@@ -170,4 +204,7 @@ def _num(v: Any) -> float:
     return float(v)
 
 
-__all__ = ["GAN_PANELS", "LABELS", "TITLES", "V_PANELS", "plot_metric", "plot_run", "run_figure", "run_label", "series"]
+__all__ = [
+    "GAN_PANELS", "LABELS", "TITLES", "V_PANELS", "gan_samples_figure", "plot_metric", "plot_run", "run_figure",
+    "run_label", "series", "snapshot_steps",
+]

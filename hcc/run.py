@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .games import Game, make_game
+from .games import Game, Params, make_game
 from .metrics import evaluate, lyapunov
 from .registry import OptionError, check_positive
 from .solvers import Solver, make_solver
@@ -131,12 +131,15 @@ def solve(
     stop_at_tol: bool = True,
     diverge_at: float = 1e12,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    callback: Callable[[int, Params], None] | None = None,
 ) -> Result:
     """Run ``solver`` on ``game`` (already on its device/dtype) and return the record.
 
     ``history`` holds one row per logged step (step 0 is the initial point): the
     metrics of the iterate after that step plus what the step measured. ``V`` is
     checked every step for the tolerance and the divergence guard.
+    ``callback(step, params)`` sees the iterate at every logged step (e.g. to keep
+    generator samples over training); ``progress(step, row)`` sees the logged row.
     """
     steps = game.default_steps if steps is None else steps
     check_positive("steps", steps)
@@ -161,6 +164,8 @@ def solve(
         row = {"step": t, "time_s": step_time, **evaluate(game, params, eval_batch)}
         row.update({k: float(v) for k, v in info.items() if isinstance(v, (int, float, torch.Tensor))})
         res.history.append(row)
+        if callback is not None:
+            callback(t, params)
         return row
 
     row = record(0, {})
@@ -224,6 +229,7 @@ def run(
     log_every: int = 1,
     stop_at_tol: bool = True,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    callback: Callable[[int, Params], None] | None = None,
 ) -> Result:
     """Build a game and a solver from the registries by name and solve: the CLI's API.
 
@@ -235,4 +241,4 @@ def run(
     g = make_game(game, game_options, seed=seed).to(device=dev, dtype=dt)
     s = make_solver(solver, g, lr=lr, options=solver_options)
     return solve(g, s, steps=steps, tol=tol, seed=seed, log_every=log_every, stop_at_tol=stop_at_tol,
-                 progress=progress)
+                 progress=progress, callback=callback)

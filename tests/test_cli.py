@@ -259,3 +259,20 @@ def test_rule_alone_uses_the_identity(tmp_path: Path) -> None:
 ])
 def test_solver_choice_errors(tmp_path: Path, args: tuple[str, ...], needle: str) -> None:
     assert_one_line_error(hcc("solve", "rps", *args, "--out", tmp_path), needle)
+
+
+def test_solve_gan_writes_a_sample_grid(tmp_path: Path) -> None:
+    res = hcc("solve", "gan", "--solver", "adam", "--steps", "20", "--log-every", "5", "-g", "width=16",
+              "-g", "batch_size=32", "-g", "n_eval=64", "-q", "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    assert_png(tmp_path / "samples.png")
+
+
+def test_snapshots_keep_evenly_spaced_logged_steps() -> None:
+    from hcc.cli import _Snapshots
+
+    snap = _Snapshots(100)
+    p = ({"w": torch.zeros(1)}, {"w": torch.ones(1)})
+    for t in [*range(0, 100, 7), 100]:  # log_every = 7 (and the last step): the first logged step ≥ each target
+        snap(t, p)
+    assert sorted(snap.params) == [0, 21, 42, 63, 84, 100]

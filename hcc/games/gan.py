@@ -302,5 +302,11 @@ class GAN(Game):
                 "d_distance": float((torch.sigmoid(logits) - 0.5).abs().mean()),
             }
 
+    def samples(self, params: Params) -> tuple[Tensor, Tensor]:
+        """``(G_θ(z), real)`` on the fixed evaluation batch: what the sample grids draw."""
+        batch = self.eval_batch()
+        with torch.no_grad():
+            return functional_call(self.min_map, params[0], (batch["x_min"],)), batch["real"]
+
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "n_modes": int(self.centres.shape[0])}
