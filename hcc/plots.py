@@ -208,3 +208,131 @@ __all__ = [
     "GAN_PANELS", "LABELS", "TITLES", "V_PANELS", "gan_samples_figure", "plot_metric", "plot_run", "run_figure",
     "run_label", "series", "snapshot_steps",
 ]
+
+
+# -- comparisons over seeds (hcc compare, hcc plot) -------------------------------------------------
+
+#: x-axis labels of the comparison panels
+COMPARE_X = {"step": "iteration", "time_s": "wall-clock time in solver steps (s)"}
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+_BIG = 1e300  # stands in for ∞ (diverged runs) inside np.quantile, which turns ∞ − ∞ into NaN
+
+
+def median_band(
+    results: Sequence[Result], metric: str, x: str = "step", band: tuple[float, float] = (0.25, 0.75)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x, median, low, high)`` of ``metric`` over the runs (seeds) at every logged step.
+
+    Runs are aligned by step. A run that stopped early (at the tolerance, or at its step
+    cap) keeps its last value afterwards, so the median stays defined; a diverged run
+    counts as ∞ from its divergence step on (∞ comes back as NaN, a gap on the plot).
+    With ``x="time_s"`` the x value of a step is the median over runs of the cumulative
+    solver time at that step, a stopped run's time extended at its mean time per step
+    (so the x values increase with the step).
+    """
+    curves = []
+    for res in results:
+        steps, ys = series(res, metric)
+        _, ts = series(res, "time_s")
+        ok = np.isfinite(steps) & np.isfinite(ys)
+        if res.diverged_at is not None:
+            ok &= steps < res.diverged_at
+        if ok.any():
+            curves.append((steps[ok], ys[ok], ts[ok], res.diverged_at))
+    if not curves:
+        empty = np.array([], dtype=float)
+        return empty, empty, empty, empty
+    grid = np.unique(np.concatenate([c[0] for c in curves]))
+    Y = np.empty((len(curves), len(grid)))
+    T = np.empty((len(curves), len(grid)))
+    for i, (steps, ys, ts, div) in enumerate(curves):
+        idx = np.clip(np.searchsorted(steps, grid, side="right") - 1, 0, None)
+        Y[i] = ys[idx]
+        if div is not None:
+            Y[i, grid >= div] = _BIG
+        t_ok = np.isfinite(ts)
+        per_step = ts[t_ok][-1] / steps[t_ok][-1] if t_ok.any() and steps[t_ok][-1] > 0 else np.nan
+        T[i] = np.interp(grid, steps[t_ok], ts[t_ok]) if t_ok.any() else np.nan
+        beyond = grid > steps[-1]
+        T[i, beyond] = ts[t_ok][-1] + (grid[beyond] - steps[-1]) * per_step if t_ok.any() else np.nan
+    q = np.quantile(np.minimum(Y, _BIG), [0.5, *band], axis=0)
+    q[q > _BIG * 1e-10] = np.nan
+    if x == "step":
+        xs = grid
+    elif x == "time_s":
+        xs = np.nanmedian(T, axis=0)
+    else:
+        raise ValueError(f"x: expected 'step' or 'time_s', got {x!r}")
+    return xs, q[0], q[1], q[2]
+
+
+def plot_groups(
+    ax: Axes,
+    groups: Sequence[tuple[str, Sequence[Result]]],
+    metric: str,
+    *,
+    x: str = "step",
+    band: tuple[float, float] = (0.25, 0.75),
+    tol: float | None = None,
+    log: bool | None = None,
+) -> Axes:
+    """Median of ``metric`` over each group's runs with a ``band`` quantile band, one colour per group.
+
+    ``groups`` is ``[(label, runs), …]`` (e.g. :meth:`hcc.compare.Comparison.groups`); a
+    group of one run is its curve. Diverged runs are counted in the legend.
+    """
+    log = metric in _LOG if log is None else log
+    drawn = False
+    for i, (label, runs) in enumerate(groups):
+        xs, med, lo, hi = median_band(runs, metric, x, band)
+        ok = np.isfinite(xs) & np.isfinite(med) & ((med > 0) if log else True)
+        if not ok.any():
+            continue
+        color = f"C{i % 10}"
+        n_div = sum(r.status == "diverged" for r in runs)
+        if n_div:
+            label += f" — {n_div}/{len(runs)} diverged"
+        # one marker shape per group on short curves, so identical curves (exact vs CG) both show
+        marker = _MARKERS[i % len(_MARKERS)] if ok.sum() <= 60 else None
+        ax.plot(xs, np.where(ok, med, np.nan), color=color, lw=1.6, marker=marker, ms=3.5, mfc="none",
+                label=label)
+        if len(runs) > 1:
+            good = np.isfinite(xs) & np.isfinite(lo) & np.isfinite(hi) & ((lo > 0) if log else True)
+            ax.fill_between(xs, np.where(good, lo, np.nan), np.where(good, hi, np.nan), color=color, alpha=0.18,
+                            lw=0)
+        drawn = True
+    if tol is not None and tol > 0:
+        ax.axhline(tol, ls="--", lw=1, color="0.4", label=f"tol = {tol:g}")
+    if log and drawn:
+        ax.set_yscale("log")
+    if not drawn:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
+    ax.set_xlabel(COMPARE_X.get(x, LABELS.get(x, x)))
+    ax.set_ylabel(LABELS.get(metric, metric))
+    ax.grid(True, which="major", alpha=0.3)
+    return ax
+
+
+def compare_figure(
+    groups: Sequence[tuple[str, Sequence[Result]]],
+    metric: str,
+    *,
+    title: str = "",
+    tol: float | None = None,
+    band: tuple[float, float] = (0.25, 0.75),
+) -> Figure:
+    """Two panels: ``metric`` against iterations and against solver wall-clock time (:func:`plot_groups`)."""
+    fig = Figure(figsize=(11, 4.4), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, x in zip(axes, ("step", "time_s")):
+        plot_groups(ax, groups, metric, x=x, band=band, tol=tol)
+        ax.set_title(f"{TITLES.get(metric, metric)} against {COMPARE_X[x].split(' (')[0]}", fontsize=10)
+    axes[1].set_ylabel("")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+__all__ += ["COMPARE_X", "compare_figure", "median_band", "plot_groups"]

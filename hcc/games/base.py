@@ -150,6 +150,25 @@ class Game(nn.Module):
     def maps(self) -> tuple[nn.Module, nn.Module]:
         return self.min_map, self.max_map
 
+    def project(self, params: Params) -> Params:
+        r"""``Π_D(θ, φ)``: each player's parameters mapped back onto their domain.
+
+        Maps with a constrained parameter domain (:class:`~hcc.games.maps.Tabular`: the
+        simplex, ``[0, 1]``) define ``project``; the others are unconstrained and
+        ``params`` is returned as is (the same object). The solver applies it after
+        every step and before every field evaluation, so that on the functional
+        parametrization each rule is its projected variant, e.g. extragradient
+
+        .. math::
+
+            x_{t+½} = Π_D(x_t − h\, v(x_t)),\\qquad x_{t+1} = Π_D(x_t − h\, v(x_{t+½})).
+        """
+        projs = [getattr(m, "project", None) for m in self.maps()]
+        if not any(callable(f) for f in projs):
+            return params
+        th, ph = (f(p) if callable(f) else p for f, p in zip(projs, params, strict=True))
+        return th, ph
+
     def player_losses(self, params: Params, batch: Batch) -> tuple[Tensor, Tensor]:
         """``(ℓ_min, ℓ_max)`` as functions of the parameters."""
         F, G = self.strategies(params, batch)

@@ -1,13 +1,23 @@
-"""Strategy maps: small networks and the identity parametrization.
+"""Strategy maps: small networks, the identity and the functional (tabular) parametrization.
 
 Heads (softmax, sigmoid) are separate modules at the end of an ``nn.Sequential``
 so curvature code can split the linear body from the output nonlinearity.
+
+A map whose parameters live on a constrained domain (:class:`Tabular`: a
+probability simplex or ``[0, 1]``) has a ``project`` method; :meth:`Game.project
+<hcc.games.base.Game.project>` applies it and the solvers call that after every
+step and before every field evaluation, which makes every update rule its
+projected variant.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
+
+from .simplex import project_simplex
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU}
 
@@ -55,3 +65,64 @@ class Direct(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.theta.expand(x.shape[0], *self.theta.shape)
+
+
+Domain = Literal["simplex", "interval"]
+DOMAINS: tuple[str, ...] = ("simplex", "interval")
+
+
+class Tabular(nn.Module):
+    r"""The functional parametrization on a finite domain: the parameter *is* the function.
+
+    With support points ``x_1, …, x_n`` (buffer ``points``) and the table
+    ``θ = values ∈ R^{n×k}`` (one row per point),
+
+    .. math::
+
+        F_θ(x_i) = θ_i, \qquad θ_i ∈ D,
+
+    where ``D`` is the probability simplex ``Δ_k`` (``domain="simplex"``: mixed
+    strategies) or ``[0, 1]^k`` (``domain="interval"``: matching pennies' ``f``).
+    A query ``x`` is matched to its nearest support point (exact on the support; a
+    lookup keeps per-sample evaluation, hence ``vmap(jacrev)`` Jacobians, correct).
+
+    Its per-sample Jacobian is a selector, ``J = I_{nk}``, so the metric is
+    ``A = JᵀJ/n = I/n``: plain gradient steps on this map *are* gradient steps in
+    function space (with ``n = 1`` the natural and the plain direction coincide), and
+    with :meth:`project` (the Euclidean projection ``Π_D``) applied after each step
+    and at each extrapolation point, GDA / extragradient / … on it are projected
+    GDA / extragradient / … on the function-space game ``L(F, G)``.
+    """
+
+    def __init__(self, values: Tensor, points: Tensor, domain: Domain = "simplex") -> None:
+        super().__init__()
+        if domain not in DOMAINS:
+            raise ValueError(f"domain: expected one of {', '.join(DOMAINS)}, got {domain!r}")
+        if values.dim() != 2 or points.dim() != 2 or values.shape[0] != points.shape[0]:
+            raise ValueError(
+                f"Tabular: expected values (n, k) and points (n, d) with the same n, "
+                f"got {tuple(values.shape)} and {tuple(points.shape)}"
+            )
+        self.domain = domain
+        self.values = nn.Parameter(values.detach().clone())
+        self.register_buffer("points", points.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        # nearest support point: (m, n) squared distances → row of the table
+        idx = (x[:, None, :] - self.points[None]).pow(2).sum(-1).argmin(-1)
+        return self.values[idx]
+
+    def project(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        r"""``Π_D`` of a parameter dict: ``argmin_{y ∈ D} ‖y − θ‖`` row by row."""
+        v = params["values"]
+        v = project_simplex(v) if self.domain == "simplex" else v.clamp(0.0, 1.0)
+        return {**params, "values": v}
+
+
+@torch.no_grad()
+def tabulate(module: nn.Module, points: Tensor, domain: Domain) -> Tabular:
+    """The functional parametrization of ``module`` on ``points``: a :class:`Tabular` map
+    whose table is ``module``'s current values there, projected onto ``domain``."""
+    table = Tabular(module(points).reshape(points.shape[0], -1), points, domain)
+    table.values.copy_(table.project({"values": table.values})["values"])
+    return table

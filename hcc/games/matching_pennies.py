@@ -8,18 +8,23 @@ with ``f = σ(MLP_θ(x))`` and ``g = σ(MLP_φ(x'))`` in (0, 1): convex-concave 
 ``(f, g)``, nonconvex-nonconcave in the parameters. The unique equilibrium is
 ``f* = g* = ½``; for λ > 0 the game is strictly convex-concave and the natural
 gradient flow drives ``V = ½(f − ½)² + ½(g − ½)²`` to 0.
+
+With ``param="functional"`` the parameters are ``f`` and ``g`` themselves
+(:class:`~hcc.games.maps.Tabular`, kept in ``[0, 1]``, initialised to the networks'
+values): the same solvers then run projected dynamics directly in function space.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..registry import OptionError, opt
 from .base import Batch, Game, seeded
-from .maps import mlp
+from .maps import mlp, tabulate
 
 
 @dataclass
@@ -30,6 +35,9 @@ class MatchingPenniesOptions:
     input_dim: int = opt(2, "dimension of the fixed input x")
     activation: str = opt("tanh", "hidden activation (tanh, relu, elu)")
     out_scale: float = opt(4.0, "gain on the last layer's init (larger: start farther from ½)")
+    param: Literal["network", "functional"] = opt(
+        "network", "strategy parametrization: network (σ∘MLP, the hidden game) | functional (f itself, kept in [0, 1])"
+    )
 
     def validate(self) -> None:
         if self.lam < 0:
@@ -42,7 +50,7 @@ class MatchingPenniesOptions:
 
 
 class MatchingPennies(Game):
-    """Matching pennies with sigmoid-of-MLP strategies ``f, g ∈ (0, 1)``."""
+    """Matching pennies with sigmoid-of-MLP strategies ``f, g ∈ (0, 1)`` (or ``f, g`` themselves)."""
 
     name = "matching-pennies"
     Options = MatchingPenniesOptions
@@ -55,6 +63,9 @@ class MatchingPennies(Game):
             self.max_map = mlp(o.input_dim, o.width, o.depth, 1, o.activation, nn.Sigmoid(), o.out_scale)
             self.register_buffer("x_min", torch.randn(1, o.input_dim))
             self.register_buffer("x_max", torch.randn(1, o.input_dim))
+        if o.param == "functional":  # f and g themselves, starting where the networks start
+            self.min_map = tabulate(self.min_map, self.x_min, "interval")
+            self.max_map = tabulate(self.max_map, self.x_max, "interval")
 
     def payoff(self, F: Tensor, G: Tensor, batch: Batch) -> Tensor:
         f, g = F[..., 0], G[..., 0]

@@ -12,6 +12,15 @@ With ``n_support > 1`` each player plays one mixed strategy per support point
 The function-space equilibrium is computed, not assumed
 (:func:`~hcc.games.simplex.solve_matrix_game`); for rock-paper-scissors
 (Mladenovic, Sakos & Piliouras; ``λ = 0.1``) it is uniform for both players.
+
+With ``param="functional"`` each player's parameters are its mixed strategies on the
+support (:class:`~hcc.games.maps.Tabular`, one point of ``Δ`` per support point,
+initialised to the networks' values and kept on the simplex by Euclidean
+projection): plain GDA / extragradient on them are projected GDA / extragradient
+on ``L(F, G)``, the function-space dynamics that the natural-gradient flow of the
+network parametrization reproduces (softmax Jacobians have rows summing to zero,
+so the natural direction moves ``F`` along the simplex's tangent: the projected
+gradient, in the interior).
 """
 
 from __future__ import annotations
@@ -20,13 +29,14 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..registry import OptionError, opt
 from .base import Batch, Game, seeded
-from .maps import mlp
+from .maps import mlp, tabulate
 from .simplex import matrix_game_gap, solve_matrix_game
 
 RPS_MATRIX = [[0.0, 1.0, -1.0], [-1.0, 0.0, 1.0], [1.0, -1.0, 0.0]]
@@ -70,6 +80,10 @@ class MatrixOptions:
     n_support: int = opt(1, "number of support points (contexts) per player")
     activation: str = opt("tanh", "hidden activation (tanh, relu, elu)")
     out_scale: float = opt(3.0, "gain on the last layer's init (larger: start farther from uniform)")
+    param: Literal["network", "functional"] = opt(
+        "network", "strategy parametrization: network (softmax∘MLP, the hidden game) | "
+        "functional (the mixed strategies themselves, kept on the simplex)"
+    )
 
     def validate(self) -> None:
         if self.lam < 0:
@@ -97,6 +111,9 @@ class MatrixGame(Game):
             self.max_map = mlp(o.input_dim, o.width, o.depth, k, o.activation, nn.Softmax(-1), o.out_scale)
             self.register_buffer("x_min", torch.randn(o.n_support, o.input_dim))
             self.register_buffer("x_max", torch.randn(o.n_support, o.input_dim))
+        if o.param == "functional":  # the strategies themselves, starting where the networks start
+            self.min_map = tabulate(self.min_map, self.x_min, "simplex")
+            self.max_map = tabulate(self.max_map, self.x_max, "simplex")
         Fs, Gs = self.solve_equilibrium(M, o.lam)
         self.register_buffer("M", M.float())
         self.register_buffer("F_star", Fs.float())
@@ -143,6 +160,10 @@ class RPSOptions:
     n_support: int = opt(1, "number of support points (contexts) per player")
     activation: str = opt("tanh", "hidden activation (tanh, relu, elu)")
     out_scale: float = opt(3.0, "gain on the last layer's init (larger: start farther from uniform)")
+    param: Literal["network", "functional"] = opt(
+        "network", "strategy parametrization: network (softmax∘MLP, the hidden game) | "
+        "functional (the mixed strategies themselves, kept on the simplex)"
+    )
 
     validate = MatrixOptions.validate
 

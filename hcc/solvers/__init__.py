@@ -49,7 +49,11 @@ class Solver:
 
     def step(self, game: Game, params: Params, state: dict[str, Any], batch: Batch) -> tuple[Params, dict, dict]:
         """One update; returns ``(params, state, info)`` where ``info`` merges what the
-        rule and the preconditioner measured (field evaluations, CG iterations, …)."""
+        rule and the preconditioner measured (field evaluations, CG iterations, …).
+
+        The new parameters are projected onto their domain (:meth:`Game.project`; the
+        oracle projects its query points too), so on constrained maps every rule runs
+        as its projected variant."""
         cell = [state["precond"]]
 
         def precondition(p: Params, vec: Params, players: tuple[int, ...]) -> tuple[Params, dict]:
@@ -65,6 +69,7 @@ class Solver:
 
         oracle = Oracle(game, batch, precondition, direction_fn=direction)
         new, rstate, info = self.rule.step(oracle, params, state["rule"], self.lr)
+        new = game.project(new)
         info = {**_merge_infos(oracle.infos), **info, "field_evals": oracle.calls}
         return new, {"rule": rstate, "precond": cell[0]}, info
 
@@ -122,6 +127,19 @@ def _build(
     return Solver(name, rule, precond, lr)
 
 
+def check_solver_name(name: str) -> str:
+    """``name`` if it is a registered solver or a composite ``RULE+PRECOND`` of registered parts.
+
+    Otherwise an :class:`~hcc.registry.OptionError` listing the valid choices.
+    """
+    if name not in SOLVERS and "+" in name:
+        rule, _, precond = name.partition("+")
+        RULES[rule], PRECONDITIONERS[precond]
+    else:
+        SOLVERS[name]
+    return name
+
+
 def make_solver(
     name: str,
     game: Game | str,
@@ -135,7 +153,7 @@ def make_solver(
     solver's rule or preconditioner (strings are parsed); unknown keys raise an
     error that lists the valid ones.
     """
-    if name not in SOLVERS and "+" in name:
+    if check_solver_name(name) not in SOLVERS:
         rule, _, precond = name.partition("+")
         return compose_solver(rule, precond, game, lr=lr, options=options)
     spec = SOLVERS[name]
@@ -178,26 +196,27 @@ def compose_solver(
 # The registry: one line per named solver. Step sizes: the best median steps to
 # V ≤ 1e-6 over seeds 0-2 on a grid {0.01, 0.03, 0.1, 0.3, 1, 3} (float64, game
 # defaults, matching pennies at λ = 0.1). Where no step converges (simultaneous GDA,
-# normalized SGDA and Adam on rps) the default is a stable one.
+# normalized SGDA and Adam on rps) the default is a stable one. GAN: the lowest
+# median MMD² after 2000 steps over seeds 0-2 on {0.003, 0.01, 0.03, 0.05, 0.1}.
 MP = "matching-pennies"
 _PLAIN = {
     "gda": SolverSpec("gda", summary="simultaneous gradient descent-ascent",
-                      lr={"*": 0.05, "bilinear": 0.1, "rps": 0.05, MP: 0.05, "gan": 0.01}),
+                      lr={"*": 0.05, "bilinear": 0.1, "rps": 0.05, MP: 0.05, "gan": 0.05}),
     "alt-gda": SolverSpec("gda", rule_defaults={"alternating": True}, summary="alternating GDA (Gauss-Seidel)",
-                          lr={"*": 0.05, "bilinear": 0.1, "rps": 0.1, MP: 0.1, "gan": 0.01}),
+                          lr={"*": 0.05, "bilinear": 0.1, "rps": 0.1, MP: 0.1, "gan": 0.05}),
     "eg": SolverSpec("eg", summary="extragradient (Korpelevich)",
-                     lr={"*": 0.1, "bilinear": 0.5, "rps": 0.1, MP: 0.1, "gan": 0.01}),
+                     lr={"*": 0.1, "bilinear": 0.5, "rps": 0.1, MP: 0.1, "gan": 0.03}),
     "ogda": SolverSpec("ogda", summary="optimistic GDA (Popov / Daskalakis et al.)",
-                       lr={"*": 0.1, "bilinear": 0.3, "rps": 0.1, MP: 0.1, "gan": 0.01}),
+                       lr={"*": 0.1, "bilinear": 0.3, "rps": 0.1, MP: 0.1, "gan": 0.03}),
     "negmom": SolverSpec("gda", rule_defaults={"beta": -0.5, "alternating": True},
                          summary="alternating GDA with negative momentum (Gidel et al. 2019)",
-                         lr={"*": 0.1, "bilinear": 0.5, "rps": 0.1, MP: 0.3, "gan": 0.01}),
+                         lr={"*": 0.1, "bilinear": 0.5, "rps": 0.1, MP: 0.3, "gan": 0.05}),
     "consensus": SolverSpec("consensus", summary="consensus optimization (Mescheder et al. 2017)",
-                            lr={"*": 0.03, "bilinear": 0.5, "rps": 0.03, MP: 0.03, "gan": 0.01}),
+                            lr={"*": 0.03, "bilinear": 0.5, "rps": 0.03, MP: 0.03, "gan": 0.05}),
     "hamiltonian": SolverSpec("hamiltonian", summary="Hamiltonian descent on ½‖v‖²",
                               lr={"*": 0.03, "bilinear": 0.5, "rps": 0.03, MP: 0.03, "gan": 0.01}),
     "nsgda": SolverSpec("nsgda", summary="normalized SGDA (per player or per layer)",
-                        lr={"*": 0.01, "bilinear": 0.01, "rps": 0.01, MP: 0.01, "gan": 0.005}),
+                        lr={"*": 0.01, "bilinear": 0.01, "rps": 0.01, MP: 0.01, "gan": 0.03}),
     "adam": SolverSpec("adam", summary="Adam-GDA, the practitioners' baseline",
                        lr={"*": 0.001, "bilinear": 0.01, "rps": 0.01, MP: 0.01, "gan": 0.001}),
 }
@@ -232,6 +251,7 @@ for _name, _spec in _NATURAL.items():
 
 __all__ = [
     "BOTH", "Oracle", "PRECONDITIONERS", "Preconditioner", "RULES", "Rule", "SOLVERS", "Solver",
-    "SolverSpec", "compose_solver", "hamiltonian_grad", "make_solver", "register_solver", "vector_field",
+    "SolverSpec", "check_solver_name", "compose_solver", "hamiltonian_grad", "make_solver", "register_solver",
+    "vector_field",
 ]
 from . import kfac  # noqa: E402,F401  (registers kfac, diag, kfac-natgrad, diag-natgrad)

@@ -52,6 +52,9 @@ class Oracle:
 
     Bound to one batch (support points) and one preconditioner; records what each
     call measured in :attr:`infos` so the step returns it without recomputation.
+    Every query point is first mapped onto the parameter domain by
+    :meth:`Game.project <hcc.games.base.Game.project>` (the identity for unconstrained
+    maps), so a rule's extrapolation points are projected like its iterates.
     """
 
     game: Game
@@ -64,10 +67,10 @@ class Oracle:
 
     def field(self, params: Params) -> Params:
         self.calls += 1
-        return vector_field(self.game, params, self.batch)
+        return vector_field(self.game, self.game.project(params), self.batch)
 
     def precondition(self, params: Params, vec: Params, players: tuple[int, ...] = BOTH) -> Params:
-        d, info = self.precondition_fn(params, vec, players)
+        d, info = self.precondition_fn(self.game.project(params), vec, players)
         self.infos.append(info)
         return d
 
@@ -75,12 +78,12 @@ class Oracle:
         """The preconditioned field ``P⁻¹ v`` (only ``players`` are preconditioned)."""
         if self.direction_fn is not None:
             self.calls += 1
-            d, info = self.direction_fn(params, players)
+            d, info = self.direction_fn(self.game.project(params), players)
             self.infos.append(info)
             return d
         return self.precondition(params, self.field(params), players)
 
     def hamiltonian_grad(self, params: Params) -> tuple[Params, Params]:
         self.calls += 1
-        return hamiltonian_grad(self.game, params, self.batch)
+        return hamiltonian_grad(self.game, self.game.project(params), self.batch)
 

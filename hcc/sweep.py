@@ -1,0 +1,338 @@
+"""Sweeps over step sizes × seeds on the batched path, and the summaries of batched runs.
+
+:func:`sweep` solves every ``(lr, seed)`` instance with :func:`hcc.batch.run_batch`
+(one vectorized program per chunk, on a local or a Ray backend). The rest turns a
+list of per-instance :class:`~hcc.run.Result` records into what ``hcc solve --seeds``
+and ``hcc sweep`` write:
+
+- :func:`instance_rows` — one row per instance (lr, seed, status, converged,
+  steps to tol, final V, V relative to the start);
+- :func:`summary_rows` — per step size: converged fraction, diverged fraction,
+  median and quartiles of the steps to tol (over the converged instances), median
+  final V and final/initial V;
+- :func:`batch_figure` — V of every instance against the step, and the median;
+- :func:`sweep_figure` — converged fraction against the step size, box plots of the
+  steps to tol, and box plots of final/initial V (below 1: contracting; above:
+  unstable), with an optional vertical line at a theoretical stability boundary.
+
+Figures use the object-oriented Matplotlib API (no ``pyplot``), like :mod:`hcc.plots`.
+
+>>> from hcc.sweep import sweep, summary_rows
+>>> recs = sweep("rps", "gda+exact", lrs=[0.02, 0.1], seeds=range(8), steps=300)
+>>> summary_rows(recs)[0]["converged_fraction"]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .batch import Backend, run_batch
+from .registry import OptionError
+from .run import Result, _jsonable
+
+__all__ = [
+    "batch_figure", "format_table", "instance_rows", "late_ratio", "save_batch", "save_sweep", "summary_rows", "sweep",
+    "sweep_figure", "write_rows",
+]
+
+
+def sweep(
+    game: str,
+    solver: str,
+    *,
+    lrs: Sequence[float],
+    seeds: Iterable[int],
+    game_options: dict[str, Any] | None = None,
+    solver_options: dict[str, Any] | None = None,
+    steps: int | None = None,
+    tol: float = 1e-6,
+    device: str = "cpu",
+    dtype: str = "float64",
+    log_every: int = 1,
+    chunk: int | None = None,
+    backend: Backend = "local",
+    threads: int | None = None,
+) -> list[Result]:
+    """Solve ``game`` with ``solver`` for every ``(lr, seed)`` pair, batched; records lr-major.
+
+    Instance ``(h, s)`` is the run ``hcc.run(game, solver, lr=h, seed=s, ...)``; see
+    :func:`hcc.batch.run_batch` for ``chunk``, ``backend`` and ``threads``.
+    """
+    lrs = [float(h) for h in lrs]
+    seeds = [int(s) for s in seeds]
+    if not lrs or not seeds:
+        raise OptionError(f"sweep: expected at least one lr and one seed, got {len(lrs)} and {len(seeds)}")
+    return run_batch(
+        game, solver, seeds=[s for _ in lrs for s in seeds], lrs=[h for h in lrs for _ in seeds],
+        game_options=game_options, solver_options=solver_options, steps=steps, tol=tol, device=device,
+        dtype=dtype, log_every=log_every, chunk=chunk, backend=backend, threads=threads,
+    )
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+
+def _V(row: dict[str, Any]) -> float:
+    v = row.get("lyapunov")
+    return float(v) if isinstance(v, (int, float)) and v is not None else math.nan
+
+
+def instance_rows(records: Sequence[Result]) -> list[dict[str, Any]]:
+    """One row per instance: lr, seed, status, converged, steps_to_tol, steps_run, diverged_at, V0, final_V."""
+    rows = []
+    for r in records:
+        V0 = _V(r.history[0]) if r.history else math.nan
+        Vf = _V(r.final)
+        rows.append({
+            "lr": r.solver_options.get("lr"), "seed": r.seed, "status": r.status, "converged": r.converged,
+            "steps_to_tol": r.steps_to_tol, "steps_run": r.steps_run, "diverged_at": r.diverged_at,
+            "V0": V0, "final_V": Vf,
+        })
+    return rows
+
+
+def late_ratio(r: Result) -> float:
+    """``V(T) / V(⌊T/2⌋)`` over the run's last half (``T`` its final step): below 1 the iterates
+    still contract at the end of the run, above 1 they move away (an unstable step size shows
+    here even when a transient first lowers ``V``); NaN for a diverged run or without V."""
+    if r.status == "diverged" or not r.history or not math.isfinite(_V(r.final)):
+        return math.nan
+    T = int(r.final.get("step", 0))
+    mids = [h for h in r.history if int(h.get("step", 0)) <= T // 2]
+    V_mid = _V(mids[-1]) if mids else math.nan
+    return _V(r.final) / V_mid if V_mid > 0 else math.nan
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    return float(np.quantile(np.asarray(xs, dtype=float), q)) if xs else math.nan
+
+
+def summary_rows(records: Sequence[Result]) -> list[dict[str, Any]]:
+    """Per step size (ascending): instance count, converged and diverged fractions, quartiles of
+    the steps to tol (converged instances only), median final V and median final/initial V
+    (a diverged instance counts as ∞)."""
+    by: dict[float, list[Result]] = {}
+    for r in records:
+        by.setdefault(float(r.solver_options["lr"]), []).append(r)
+    out = []
+    for lr in sorted(by):
+        rs = by[lr]
+        st = [float(r.steps_to_tol) for r in rs if r.steps_to_tol is not None]
+        ratio = [math.inf if r.status == "diverged" else _V(r.final) / _V(r.history[0]) for r in rs
+                 if r.history and _V(r.history[0]) > 0]
+        finals = [math.inf if r.status == "diverged" else _V(r.final) for r in rs]
+        out.append({
+            "lr": lr, "instances": len(rs),
+            "converged_fraction": sum(bool(r.converged) for r in rs) / len(rs),
+            "diverged_fraction": sum(r.status == "diverged" for r in rs) / len(rs),
+            "steps_to_tol_median": statistics.median(st) if st else math.nan,
+            "steps_to_tol_q25": _quantile(st, 0.25), "steps_to_tol_q75": _quantile(st, 0.75),
+            "steps_to_tol_max": max(st) if st else math.nan,
+            "final_V_median": statistics.median(finals) if finals else math.nan,
+            "V_ratio_median": statistics.median(ratio) if ratio else math.nan,
+            "V_late_ratio_median": _nanmedian([late_ratio(r) for r in rs]),
+        })
+    return out
+
+
+def _nanmedian(xs: Sequence[float]) -> float:
+    ok = [x for x in xs if not math.isnan(x)]
+    return statistics.median(ok) if ok else math.nan
+
+
+def write_rows(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Rows of dicts as CSV (floats with 6 significant digits; ``None`` as empty)."""
+    path = Path(path)
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+
+    def fmt(v: Any) -> Any:
+        if v is None:
+            return ""
+        if isinstance(v, float) and not isinstance(v, bool):
+            return f"{v:.6g}"
+        return v
+
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: fmt(v) for k, v in row.items()})
+    return path
+
+
+def format_table(rows: Sequence[dict[str, Any]], keys: Sequence[str] | None = None) -> str:
+    """A plain-text table (Markdown pipe syntax) of ``rows``."""
+    if not rows:
+        return "(no rows)"
+    keys = list(keys or rows[0])
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return "-" if math.isnan(v) else f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+
+def _curve(r: Result, steps: int) -> np.ndarray:
+    """V at steps 0..steps; held at its last value after the instance stopped; ∞ once diverged."""
+    ys = np.full(steps + 1, np.nan)
+    pts = [(int(h["step"]), _V(h)) for h in r.history if "step" in h]
+    if r.diverged_at is not None:
+        pts = [(t, v) for t, v in pts if t < r.diverged_at]
+    for t, v in pts:
+        if t <= steps:
+            ys[t] = v
+    last = np.nan
+    for t in range(steps + 1):  # forward fill between logged rows and after the stop
+        if np.isnan(ys[t]):
+            ys[t] = last
+        last = ys[t]
+    if r.diverged_at is not None and r.diverged_at <= steps:
+        ys[r.diverged_at:] = np.inf
+    return ys
+
+
+def batch_figure(records: Sequence[Result], title: str = "") -> Figure:
+    """V of every instance against the step (thin lines) and the median over instances (thick)."""
+    fig = Figure(figsize=(7, 4.4), layout="constrained")
+    ax = fig.subplots()
+    steps = max((r.steps_run for r in records), default=0)
+    curves = np.stack([_curve(r, steps) for r in records]) if records else np.zeros((0, 1))
+    x = np.arange(steps + 1)
+    alpha = max(0.05, min(0.6, 8.0 / max(len(records), 1)))
+    for c in curves:
+        ax.plot(x, np.where(np.isfinite(c) & (c > 0), c, np.nan), color="C0", lw=0.7, alpha=alpha)
+    if len(records):
+        med = np.median(np.where(np.isnan(curves), np.inf, curves), axis=0)
+        ax.plot(x, np.where(np.isfinite(med) & (med > 0), med, np.nan), color="C3", lw=2.2,
+                label=f"median over {len(records)} instances")
+    tol = records[0].tol if records else None
+    if tol:
+        ax.axhline(tol, ls="--", lw=1, color="0.4", label=f"tol = {tol:g}")
+    n_conv = sum(bool(r.converged) for r in records)
+    n_div = sum(r.status == "diverged" for r in records)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("V (function-space Lyapunov)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, title=f"{n_conv}/{len(records)} converged, {n_div} diverged", title_fontsize=8)
+    ax.set_title(title or (f"{records[0].game} · {records[0].solver}" if records else ""), fontsize=10)
+    return fig
+
+
+def sweep_figure(records: Sequence[Result], title: str = "", boundary: float | None = None) -> Figure:
+    """Converged fraction vs lr; box plots of steps to tol per lr; box plots of ``V(T)/V(T/2)`` per lr.
+
+    ``boundary``: a step size drawn as a dashed vertical line (e.g. the Euler stability
+    limit ``2a/(a² + b²)`` of design.md §2).
+    """
+    summ = summary_rows(records)
+    lrs = [s["lr"] for s in summ]
+    by: dict[float, list[Result]] = {}
+    for r in records:
+        by.setdefault(float(r.solver_options["lr"]), []).append(r)
+    fig = Figure(figsize=(14, 4.2), layout="constrained")
+    a1, a2, a3 = fig.subplots(1, 3)
+    a1.plot(lrs, [s["converged_fraction"] for s in summ], "o-", color="C0", label="converged (V ≤ tol)")
+    a1.plot(lrs, [s["diverged_fraction"] for s in summ], "s--", color="C3", label="diverged")
+    a1.set_ylim(-0.03, 1.03)
+    a1.set_ylabel("fraction of seeds")
+    a1.set_title("converged fraction", fontsize=10)
+    width = 0.6 * (min(np.diff(lrs)) if len(lrs) > 1 else max(lrs[0], 1e-12) * 0.5)
+    st = [[r.steps_to_tol for r in by[h] if r.steps_to_tol is not None] for h in lrs]
+    if any(st):
+        pos = [h for h, s in zip(lrs, st, strict=True) if s]
+        a2.boxplot([s for s in st if s], positions=pos, widths=width, manage_ticks=False)
+    else:
+        a2.text(0.5, 0.5, "no instance reached tol", transform=a2.transAxes, ha="center", va="center", color="0.5")
+    a2.set_ylabel("steps to V ≤ tol")
+    a2.set_title("steps to tol (converged instances)", fontsize=10)
+    ratios = []
+    for h in lrs:
+        vals = [late_ratio(r) for r in by[h]]
+        ratios.append([v for v in vals if math.isfinite(v) and v > 0])
+    if any(ratios):
+        pos = [h for h, v in zip(lrs, ratios, strict=True) if v]
+        a3.boxplot([v for v in ratios if v], positions=pos, widths=width, manage_ticks=False)
+        a3.set_yscale("log")
+    a3.axhline(1.0, ls=":", lw=1, color="0.3")
+    n_div = [sum(r.status == "diverged" for r in by[h]) for h in lrs]
+    for h, n in zip(lrs, n_div, strict=True):
+        if n:
+            a3.annotate(f"{n} div.", (h, 1.0), textcoords="offset points", xytext=(0, 6), ha="center",
+                        fontsize=7, color="C3")
+    a3.set_ylabel("V(T) / V(T/2)")
+    a3.set_title("late contraction over the last half (< 1: stable)", fontsize=10)
+    for ax in (a1, a2, a3):
+        ax.set_xlabel("step size h")
+        ax.set_xlim(lrs[0] - width, lrs[-1] + width)
+        ax.grid(True, alpha=0.3)
+        if boundary is not None:
+            ax.axvline(boundary, ls="--", color="C2", lw=1.2, label=f"stability limit h = {boundary:g}")
+    a1.legend(fontsize=8)
+    r0 = records[0] if records else None
+    n_seeds = len({r.seed for r in records})
+    default = f"{r0.game} · {r0.solver}: {n_seeds} seeds × {len(lrs)} step sizes, {r0.steps_run} steps" if r0 else ""
+    fig.suptitle(title or default, fontsize=11)
+    return fig
+
+
+# -- output folders --------------------------------------------------------------------------------
+
+
+def save_batch(records: Sequence[Result], out: str | Path, *, plot: bool = True, title: str = "") -> Path:
+    """``hcc solve --seeds``: ``seeds.csv`` (one row per seed), ``result.json`` (converged
+    fraction, summary and every instance's record) and ``lyapunov.png`` (:func:`batch_figure`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = instance_rows(records)
+    write_rows(rows, out / "seeds.csv")
+    doc = {
+        "instances": len(records),
+        "converged_fraction": sum(bool(r.converged) for r in records) / max(len(records), 1),
+        "diverged_fraction": sum(r.status == "diverged" for r in records) / max(len(records), 1),
+        "summary": summary_rows(records),
+        "records": [r.to_dict() for r in records],
+    }
+    (out / "result.json").write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
+    if plot and records and records[0].converged is not None:
+        fig = batch_figure(records, title)
+        fig.savefig(out / "lyapunov.png", dpi=130)
+    return out
+
+
+def save_sweep(records: Sequence[Result], out: str | Path, *, plot: bool = True, title: str = "",
+               boundary: float | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """``hcc sweep``: ``sweep.csv`` (lr, seed, status, converged, steps_to_tol, final V per instance),
+    ``summary.csv`` (:func:`summary_rows`), ``result.json`` (the summary, ``extra`` and every
+    instance's record without its history) and ``sweep.png`` (:func:`sweep_figure`)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows(instance_rows(records), out / "sweep.csv")
+    summ = summary_rows(records)
+    write_rows(summ, out / "summary.csv")
+    doc = {**(extra or {}), "summary": summ,
+           "records": [{k: v for k, v in r.to_dict().items() if k != "history"} for r in records]}
+    (out / "result.json").write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
+    if plot and records:
+        sweep_figure(records, title, boundary).savefig(out / "sweep.png", dpi=130)
+    return out
