@@ -191,7 +191,7 @@ def solve_batch(
     seeds: Sequence[int] | None = None,
     steps: int | None = None,
     tol: float = 1e-6,
-    log_every: int = 1,
+    log_every: int | None = None,
     stop_at_tol: bool = True,
     diverge_at: float = 1e12,
     progress: Callable[[int, int], None] | None = None,
@@ -215,6 +215,7 @@ def solve_batch(
     _check_games(games)
     g0 = games[0]
     steps = g0.default_steps if steps is None else steps
+    log_every = g0.default_log_every if log_every is None else log_every
     check_positive("steps", steps)
     check_positive("tol", tol)
     check_positive("log_every", log_every)
@@ -432,7 +433,7 @@ def run_batch(
     tol: float = 1e-6,
     device: str = "cpu",
     dtype: str = "float64",
-    log_every: int = 1,
+    log_every: int | None = None,
     stop_at_tol: bool = True,
     diverge_at: float = 1e12,
     chunk: int | None = None,

@@ -122,14 +122,15 @@ def main() -> None:
 @click.option("--solver-opt", "-S", multiple=True, metavar="KEY=VALUE", help="Rule/preconditioner option (repeatable).")
 @click.option("--payoff", default=None, metavar="FILE|ROWS",
               help="Payoff matrix (CSV file or inline 'a,b;c,d'); short for --game-opt payoff=...")
-@click.option("--log-every", type=int, default=1, show_default=True, help="Record metrics every K steps.")
+@click.option("--log-every", type=int, default=None,
+              help="Record metrics every K steps  [default: the game's: 1, gan 20]")
 @click.option("--no-stop-at-tol", is_flag=True, help="Keep running after V <= tol.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; a one-line summary.")
 def solve(
     game: str, solver: str | None, rule: str | None, precond: str | None, steps: int | None, lr: float | None,
     seed: int, tol: float, device: str, dtype: str,
     out: Path | None, game_opt: tuple[str, ...], solver_opt: tuple[str, ...], payoff: str | None,
-    log_every: int, no_stop_at_tol: bool, quiet: bool, seeds: int = 1,
+    log_every: int | None, no_stop_at_tol: bool, quiet: bool, seeds: int = 1,
 ) -> None:
     """Solve GAME with a solver; write result.json, history.csv and lyapunov.png.
 
@@ -401,13 +402,14 @@ def field_(game: str, solvers: str, steps: int | None, seed: int, game_opt: tupl
                    "[default: x0.25,x0.5,x1,x2,x4]")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", default="float64", show_default=True, help=" or ".join(DTYPES) + ".")
-@click.option("--log-every", type=int, default=1, show_default=True, help="Record metrics every K steps.")
+@click.option("--log-every", type=int, default=None,
+              help="Record metrics every K steps  [default: the game's: 1, gan 20]")
 @click.option("--no-runs", is_flag=True, help="Do not write runs/<solver>-seed<k>/ (histories.csv keeps every row).")
 @click.option("--no-pdf", is_flag=True, help="Write the plot as PNG only.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table; a one-line summary.")
 def compare(
     game: str, solvers: str, seeds: int, steps: int | None, tol: float, out: Path | None,
-    game_opt: tuple[str, ...], tune: bool, lr_grid: str | None, device: str, dtype: str, log_every: int,
+    game_opt: tuple[str, ...], tune: bool, lr_grid: str | None, device: str, dtype: str, log_every: int | None,
     no_runs: bool, no_pdf: bool, quiet: bool,
 ) -> None:
     """Run several solvers on GAME over the same seeds; plot, tabulate and save them.
@@ -478,7 +480,7 @@ def plot(run_dirs: tuple[Path, ...], out: Path | None, metric: str | None) -> No
 
 def _solve_seeds(
     game: str, solver: str, *, seeds: int, seed: int, lr: float | None, steps: int | None, tol: float, device: str,
-    dtype: str, out: Path | None, game_options: dict[str, str], solver_options: dict[str, str], log_every: int,
+    dtype: str, out: Path | None, game_options: dict[str, str], solver_options: dict[str, str], log_every: int | None,
     stop_at_tol: bool, quiet: bool, started: str,
 ) -> None:
     """``hcc solve --seeds K``: seeds ``seed..seed+K-1`` batched (:func:`hcc.batch.run_batch`); writes

@@ -258,7 +258,7 @@ def compare(
     game_options: dict[str, Any] | None = None,
     device: str = "cpu",
     dtype: str = "float64",
-    log_every: int = 1,
+    log_every: int | None = None,
     on_run: Callable[[str, float, int, Result], None] | None = None,
 ) -> Comparison:
     """Run each solver in ``solvers`` on ``game`` for every seed and summarize.

@@ -127,7 +127,7 @@ def solve(
     steps: int | None = None,
     tol: float = 1e-6,
     seed: int = 0,
-    log_every: int = 1,
+    log_every: int | None = None,
     stop_at_tol: bool = True,
     diverge_at: float = 1e12,
     progress: Callable[[int, dict[str, float]], None] | None = None,
@@ -142,6 +142,7 @@ def solve(
     generator samples over training); ``progress(step, row)`` sees the logged row.
     """
     steps = game.default_steps if steps is None else steps
+    log_every = game.default_log_every if log_every is None else log_every
     check_positive("steps", steps)
     check_positive("tol", tol)
     check_positive("log_every", log_every)
@@ -226,7 +227,7 @@ def run(
     seed: int = 0,
     device: str = "cpu",
     dtype: str = "float64",
-    log_every: int = 1,
+    log_every: int | None = None,
     stop_at_tol: bool = True,
     progress: Callable[[int, dict[str, float]], None] | None = None,
     callback: Callable[[int, Params], None] | None = None,

@@ -57,7 +57,7 @@ def sweep(
     tol: float = 1e-6,
     device: str = "cpu",
     dtype: str = "float64",
-    log_every: int = 1,
+    log_every: int | None = None,
     chunk: int | None = None,
     backend: Backend = "local",
     threads: int | None = None,

@@ -208,3 +208,23 @@ def test_nan_iterate_is_caught(monkeypatch):
     r = hcc.solve(game, solver, steps=50)
     assert r.status == "diverged" and r.diverged_at == 5
     assert "non-finite" in r.message and len(r.history) == 6
+
+
+def test_matrix_default_steps_scale_with_the_payoff():
+    """``lr_scale = √3 / ‖P M P‖₂``: 1 on RPS, ½ on 2·RPS, so ``h·b`` (and stability) stays put."""
+    from hcc.solvers import make_solver
+
+    rps = "0,1,-1;-1,0,1;1,-1,0"
+    assert hcc.make_game("rps").lr_scale == 1.0
+    assert abs(hcc.make_game("matrix", {"payoff": rps}).lr_scale - 1.0) < 1e-12
+    double = hcc.make_game("matrix", {"payoff": "0,2,-2;-2,0,2;2,-2,0"})
+    assert abs(double.lr_scale - 0.5) < 1e-12
+    assert abs(make_solver("eg", double).lr - 0.5 * make_solver("eg", "matrix").lr) < 1e-12
+    # a 2×2 game: P M P = 3.5 u uᵀ (u = (1, −1)/√2), so the scale is √3/3.5
+    g = hcc.make_game("matrix", {"payoff": "3,-1;-2,1"})
+    assert abs(g.lr_scale - 3**0.5 / 3.5) < 1e-12
+
+
+def test_matrix_game_with_a_larger_payoff_converges_with_defaults():
+    res = hcc.run("matrix", "exact-natgrad", game_options={"payoff": "3,-1;-2,1"}, steps=300, log_every=100)
+    assert res.converged, res.message

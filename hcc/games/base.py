@@ -67,6 +67,8 @@ class Game(nn.Module):
     stochastic: ClassVar[bool] = False
     #: steps a run takes when none are given
     default_steps: ClassVar[int] = 2000
+    #: record metrics every this many steps unless told otherwise (the GAN's metrics are costly)
+    default_log_every: ClassVar[int] = 1
 
     def __init__(self, options: Any, seed: int = 0) -> None:
         super().__init__()
@@ -178,10 +180,19 @@ class Game(nn.Module):
         F, G = self.strategies(params, batch)
         return self.payoff(F, G, batch)
 
+    @property
+    def lr_scale(self) -> float:
+        """Factor on the registry's default step sizes for this instance (1: the defaults apply).
+
+        A game whose field scales with a user-given quantity (a payoff matrix) rescales the
+        defaults that were tuned for its reference instance, so that ``h·‖∇v‖`` stays put.
+        """
+        return 1.0
+
     def describe(self) -> dict[str, Any]:
         n_min = sum(p.numel() for p in self.min_map.parameters())
         n_max = sum(p.numel() for p in self.max_map.parameters())
-        return {"params_min": n_min, "params_max": n_max}
+        return {"params_min": n_min, "params_max": n_max, "lr_scale": self.lr_scale}
 
 
 def _mean_sq(D: Tensor) -> Tensor:

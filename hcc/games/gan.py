@@ -214,6 +214,7 @@ class GAN(Game):
     Options = GANOptions
     stochastic = True
     default_steps = 3000
+    default_log_every = 20
 
     def __init__(self, options: GANOptions, seed: int = 0) -> None:
         super().__init__(options, seed)

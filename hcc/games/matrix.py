@@ -135,6 +135,13 @@ class MatrixGame(Game):
         self.G_star = Gs.to(device=ref.device, dtype=ref.dtype)
         return self
 
+    @property
+    def lr_scale(self) -> float:
+        """``b(RPS) / b(M)``, ``b(M) = ‖P_m M P_k‖₂`` with ``P = I − 11ᵀ/n``: the rotation speed of
+        the field on the simplices' tangent spaces, for which the default steps were tuned on RPS
+        (``b = √3``). Extragradient, for one, is stable only for ``h·b`` below a constant."""
+        return _tangent_norm(RPS_M64) / max(_tangent_norm(self._exact[0]), 1e-12)
+
     def payoff(self, F: Tensor, G: Tensor, batch: Batch) -> Tensor:
         lam = self.options.lam
         m, k = self.M.shape
@@ -168,11 +175,21 @@ class RPSOptions:
     validate = MatrixOptions.validate
 
 
+def _tangent_norm(M: Tensor) -> float:
+    m, k = M.shape
+    P = [torch.eye(n, dtype=M.dtype) - 1.0 / n for n in (m, k)]
+    return float(torch.linalg.matrix_norm(P[0] @ M @ P[1], ord=2))
+
+
+RPS_M64 = torch.tensor(RPS_MATRIX, dtype=torch.float64)
+
+
 class RPS(MatrixGame):
     """Hidden rock-paper-scissors: the matrix game with ``M`` = RPS; equilibrium uniform."""
 
     name = "rps"
     Options = RPSOptions
+    lr_scale = 1.0  # type: ignore[assignment]  # its own defaults (the "rps" row of the registry)
 
     def __init__(self, options: RPSOptions, seed: int = 0) -> None:
         payoff = ";".join(",".join(str(x) for x in r) for r in RPS_MATRIX)

@@ -127,6 +127,11 @@ def _build(
     return Solver(name, rule, precond, lr)
 
 
+def _lr_scale(game: Game | str) -> float:
+    """:attr:`Game.lr_scale` of an instance (a name: 1)."""
+    return 1.0 if isinstance(game, str) else float(game.lr_scale)
+
+
 def check_solver_name(name: str) -> str:
     """``name`` if it is a registered solver or a composite ``RULE+PRECOND`` of registered parts.
 
@@ -148,6 +153,8 @@ def make_solver(
 ) -> Solver:
     """Build the named solver for ``game`` (a :class:`Game` or a game name).
 
+    The default step size is the registry's for the game, times :attr:`Game.lr_scale` when
+    ``game`` is an instance (a matrix game rescales by its payoff's norm).
     ``name`` is a registered solver or a composite ``RULE+PRECOND`` (e.g.
     ``ogda+cg``, see :func:`compose_solver`). ``options`` may set any option of the
     solver's rule or preconditioner (strings are parsed); unknown keys raise an
@@ -158,7 +165,7 @@ def make_solver(
         return compose_solver(rule, precond, game, lr=lr, options=options)
     spec = SOLVERS[name]
     game_name = game if isinstance(game, str) else game.name
-    lr = spec.default_lr(game_name) if lr is None else lr
+    lr = spec.default_lr(game_name) * _lr_scale(game) if lr is None else lr
     return _build(name, spec.rule, spec.precond, spec.rule_defaults, spec.precond_defaults, lr, options)
 
 
@@ -189,7 +196,7 @@ def compose_solver(
             specs = [s for s in SOLVERS.values() if s.rule == rule and s.precond == "identity" and not s.rule_defaults]
         if not specs:
             raise OptionError(f"no default step size for rule {rule!r} with precond {precond!r}; pass lr")
-        lr = specs[0].default_lr(game_name)
+        lr = specs[0].default_lr(game_name) * _lr_scale(game)
     return _build(f"{rule}+{precond}", rule, precond, {}, {}, lr, options)
 
 
