@@ -43,7 +43,7 @@ import torch
 from . import __version__
 from .games import GAMES, make_game
 from .registry import OptionError, check_positive
-from .run import Result, _jsonable, run
+from .run import Result, _jsonable, run, write_history_csv
 from .solvers import check_solver_name, make_solver
 
 #: default tuning grid: multiples of each solver's default step size
@@ -194,7 +194,7 @@ class Comparison:
             for name in self.solvers:
                 for res in self.results[name]:
                     res.save(out / "runs" / run_dir_name(name, res.seed), plot=False)
-        _write_csv(self.rows(), out / "histories.csv")
+        write_history_csv(self.rows(), out / "histories.csv", first=CSV_KEYS)
         (out / "table.md").write_text(self.table())
         data = self.to_dict()
         if not runs:
@@ -551,17 +551,6 @@ def _seed_range(seeds: Sequence[int]) -> str:
 
 def _e(x: float | None) -> str:
     return "∞" if x is None else f"{x:.2e}"
-
-
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    keys: list[str] = list(CSV_KEYS)
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
 
 
 __all__ = [

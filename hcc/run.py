@@ -14,7 +14,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,15 +86,16 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def write_history_csv(history: list[dict[str, float]], path: str | Path) -> None:
-    keys: list[str] = []
+def write_history_csv(history: Sequence[Mapping[str, Any]], path: str | Path, first: Sequence[str] = ()) -> None:
+    """Rows as CSV: columns ``first``, then every other key in order of appearance; NaN/inf → empty."""
+    keys: list[str] = list(first)
     for row in history:
         keys += [k for k in row if k not in keys]
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         for row in history:
-            w.writerow(row)
+            w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
 
 
 def resolve_device(device: str) -> torch.device:

@@ -3,48 +3,31 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from conftest import assert_image, assert_one_line_error, load
+from conftest import hcc_cli as hcc
 
 from hcc import GAMES, PRECONDITIONERS, RULES, SOLVERS
-from hcc.cli import EXIT_DIVERGED, main
+from hcc.cli import EXIT_DIVERGED
 from hcc.plots import plot_run
 from hcc.run import Result as RunResult
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REQUIRED_KEYS = {
     "game", "game_options", "solver", "solver_options", "seed", "steps_run", "converged", "steps_to_tol",
     "final", "history", "wall_time_s", "device", "versions",
 }
 
 
-def hcc(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def load(out: Path) -> dict:
-    return json.loads((out / "result.json").read_text())
 
 
-def assert_one_line_error(res: Result, *needles: str) -> str:
-    """Exit code 2, no traceback, exactly one ``Error: …`` line on stderr containing ``needles``."""
-    assert res.exit_code == 2, res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
-def assert_png(path: Path) -> None:
-    assert path.is_file() and path.stat().st_size > 1000
-    assert path.read_bytes()[:8] == PNG_MAGIC
 
 
 # -- hcc solve: runs that work -----------------------------------------------------------------
@@ -67,7 +50,7 @@ def test_solve_rps_eg_defaults_converge(tmp_path: Path) -> None:
         rows = list(csv.DictReader(fh))
     assert {"step", "lyapunov", "exploitability", "field_norm"} <= set(rows[0])
     assert len(rows) == data["steps_run"] + 1
-    assert_png(out / "lyapunov.png")
+    assert_image(out / "lyapunov.png")
     for word in ("converged", "steps to tol", "V (Lyapunov)", "exploitability", "wall time", str(out)):
         assert word in res.stdout
 
@@ -102,7 +85,7 @@ def test_solve_payoff_file(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     data = load(out)
     assert data["game_options"]["payoff"] == str(path) and data["steps_run"] >= 1
-    assert_png(out / "lyapunov.png")
+    assert_image(out / "lyapunov.png")
 
 
 def test_solve_default_out_dirs_are_new(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,7 +110,7 @@ def test_solve_divergence(tmp_path: Path) -> None:
     assert last["step"] == step and (last["lyapunov"] is None or last["lyapunov"] > 1e12)
     assert f"diverged at step {step}" in res.stderr
     assert (out / "history.csv").is_file()
-    assert_png(out / "lyapunov.png")
+    assert_image(out / "lyapunov.png")
 
 
 # -- hcc solve: bad input --------------------------------------------------------------------------
@@ -214,16 +197,16 @@ def test_plot_masks_non_positive_and_missing(tmp_path: Path) -> None:
             for t, v in enumerate([1.0, 0.0, -1.0, None, math.nan, math.inf, 1e-3])]
     hist.append({"step": 7, "lyapunov": 1e13})
     res = _fake(hist, tol=1e-6, status="diverged", diverged_at=7, steps_run=7)
-    assert_png(plot_run(res, tmp_path / "v.png"))
+    assert_image(plot_run(res, tmp_path / "v.png"))
     empty = _fake([{"step": 0, "lyapunov": 0.0}], tol=1e-6, status="converged", steps_to_tol=0)
-    assert_png(plot_run(empty, tmp_path / "empty.png"))
+    assert_image(plot_run(empty, tmp_path / "empty.png"))
 
 
 def test_plot_gan_panels(tmp_path: Path) -> None:
     hist = [{"step": t, "mmd": 1.0 / (t + 1) if t else 0.0, "modes_covered": min(t, 8), "high_quality": t / 10,
              "d_distance": 0.1, "payoff": 0.5} for t in range(10)]
     res = _fake(hist, status="max_steps", steps_run=9)
-    assert_png(plot_run(res, tmp_path / "gan.png"))
+    assert_image(plot_run(res, tmp_path / "gan.png"))
 
 
 # -- hcc solve --rule × --precond ----------------------------------------------------------------
@@ -265,7 +248,7 @@ def test_solve_gan_writes_a_sample_grid(tmp_path: Path) -> None:
     res = hcc("solve", "gan", "--solver", "adam", "--steps", "20", "--log-every", "5", "-g", "width=16",
               "-g", "batch_size=32", "-g", "n_eval=64", "-q", "--out", tmp_path)
     assert res.exit_code == 0, res.output
-    assert_png(tmp_path / "samples.png")
+    assert_image(tmp_path / "samples.png")
 
 
 def test_snapshots_keep_evenly_spaced_logged_steps() -> None:

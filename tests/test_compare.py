@@ -12,36 +12,21 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from conftest import assert_image, assert_one_line_error
+from conftest import hcc_cli as hcc
 
-from hcc.cli import main
 from hcc.compare import Comparison, GridPoint, compare, load_groups, pick_lr, plot_saved
 from hcc.run import Result as RunResult
 
 PDF_MAGIC = b"%PDF"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SOLVERS = ("gda", "exact-natgrad")
 STEPS = 40
 
 
-def hcc(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def assert_one_line_error(res: Result, *needles: str) -> str:
-    """Exit code 2, no traceback, exactly one ``Error: …`` line on stderr containing ``needles``."""
-    assert res.exit_code == 2, res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), res.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
-def assert_image(path: Path, magic: bytes = PNG_MAGIC) -> None:
-    assert path.is_file() and path.stat().st_size > 1000, path
-    assert path.read_bytes()[: len(magic)] == magic
 
 
 @pytest.fixture(scope="module")

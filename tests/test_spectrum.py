@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner, Result
-from conftest import build
+from conftest import PNG_MAGIC, build
+from conftest import hcc_cli as hcc
 
 from hcc import make_solver
-from hcc.cli import main
 from hcc.field import field_portrait
 from hcc.spectrum import (
     equilibrium_params,
@@ -23,12 +22,6 @@ from hcc.spectrum import (
     spectrum,
     update_operator,
 )
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def hcc(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def radius(M: torch.Tensor, transverse: bool = False) -> float:

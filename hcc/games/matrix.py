@@ -71,9 +71,10 @@ def parse_payoff(spec: str) -> list[list[float]]:
 
 
 @dataclass
-class MatrixOptions:
-    payoff: str = opt("0,1,-1;-1,0,1;1,-1,0", "payoff matrix M (min player's rows): CSV path or 'a,b;c,d'")
-    lam: float = opt(0.1, "λ ≥ 0, strength of the regularizer")
+class RPSOptions:
+    """The options of a softmax-of-MLP matrix game other than its payoff (all of ``rps``'s)."""
+
+    lam: float = opt(0.1, "λ ≥ 0, strength of the regularizer (0.1 in the hidden-RPS paper)")
     width: int = opt(32, "hidden width of each player's MLP")
     depth: int = opt(2, "number of hidden layers")
     input_dim: int = opt(4, "dimension of the fixed inputs x")
@@ -93,6 +94,11 @@ class MatrixOptions:
                 raise OptionError(f"{k}: expected a positive integer, got {getattr(self, k)}")
         if self.depth < 0:
             raise OptionError(f"depth: expected ≥ 0, got {self.depth}")
+
+
+@dataclass
+class MatrixOptions(RPSOptions):
+    payoff: str = opt("0,1,-1;-1,0,1;1,-1,0", "payoff matrix M (min player's rows): CSV path or 'a,b;c,d'")
 
 
 class MatrixGame(Game):
@@ -156,23 +162,6 @@ class MatrixGame(Game):
     def duality_gap(self, F: Tensor, G: Tensor, batch: Batch) -> Tensor:
         # the payoff pairs support point i of F with point i of G
         return matrix_game_gap(F, G, self.M, self.options.lam)
-
-
-@dataclass
-class RPSOptions:
-    lam: float = opt(0.1, "λ ≥ 0, strength of the regularizer (the paper uses 0.1)")
-    width: int = opt(32, "hidden width of each player's MLP")
-    depth: int = opt(2, "number of hidden layers")
-    input_dim: int = opt(4, "dimension of the fixed inputs x")
-    n_support: int = opt(1, "number of support points (contexts) per player")
-    activation: str = opt("tanh", "hidden activation (tanh, relu, elu)")
-    out_scale: float = opt(3.0, "gain on the last layer's init (larger: start farther from uniform)")
-    param: Literal["network", "functional"] = opt(
-        "network", "strategy parametrization: network (softmax∘MLP, the hidden game) | "
-        "functional (the mixed strategies themselves, kept on the simplex)"
-    )
-
-    validate = MatrixOptions.validate
 
 
 def _tangent_norm(M: Tensor) -> float:
