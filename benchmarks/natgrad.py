@@ -15,6 +15,10 @@ outside it; ``log_every`` is larger than the run, so the full metrics are comput
 twice per run, outside the clock too). With other processes on the machine it is
 the best (minimum) over the seeds' runs at the best step.
 
+Per game, a K-FAC table reruns ``kfac-natgrad`` at its tuned step without the per-step
+cosine diagnostic and with factor inverses refreshed every 5 and 10 steps: what a K-FAC
+step costs, and against the plain solver of the same rule (``eg``), what the options buy.
+
 A second table times one exact natural direction (both players,
 ``Exact.direction``) with the per-sample Jacobian backends: ``func``
 (``vmap(jacrev)``; with ``method=auto`` MLPs take the structured kernel and never
@@ -23,7 +27,7 @@ comparison) and ``backpack`` (``BatchGrad``, ``J`` formed, kernel solve).
 
 Usage::
 
-    python benchmarks/natgrad.py            # full run: ~10 minutes on 2 shared CPU cores
+    python benchmarks/natgrad.py            # full run: ~18 minutes on 2 shared CPU cores
     python benchmarks/natgrad.py --quick    # smoke run: 1 seed, 3-point grids, 600 steps
 """
 
@@ -148,6 +152,40 @@ def entries(game: str, grid: Sequence[float], nat_grid: Sequence[float], plain_s
     return rows
 
 
+def plain_twin(name: str) -> str:
+    """The plain named solver with ``name``'s update rule (``kfac-natgrad`` → ``eg``)."""
+    spec = SOLVERS[name]
+    return next(n for n in PLAIN if SOLVERS[n].rule == spec.rule and SOLVERS[n].rule_defaults == spec.rule_defaults)
+
+
+#: K-FAC step-cost breakdown: the named solver's defaults, then without the per-step cosine
+#: diagnostic (an exact solve per player) and with factor inverses refreshed every T steps
+KFAC_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("defaults", {}),
+    ("log_cosine=false", {"log_cosine": False}),
+    ("log_cosine=false, refresh=5", {"log_cosine": False, "refresh": 5}),
+    ("log_cosine=false, refresh=10", {"log_cosine": False, "refresh": 10}),
+)
+
+
+def kfac_cost_table(game: str, rows: list[tuple[Entry, Outcome]], seeds: Sequence[int], tol: float) -> None:
+    """What a K-FAC step costs and what the options buy, at kfac-natgrad's tuned step."""
+    by = {e.label: (e, o) for e, o in rows}
+    entry, best = by["kfac-natgrad"]
+    ref = by[plain_twin("kfac-natgrad")][1]
+    print(f"\n{game}: kfac-natgrad at its tuned step {best.lr:.4g}, step cost against "
+          f"{plain_twin('kfac-natgrad')} ({ref.ms:.2f} ms/step)\n")
+    print("| kfac options | iterations | converged | ms/step | time / plain step | ms to tol |")
+    print("|---|---|---|---|---|---|")
+    for label, opts in KFAC_VARIANTS:
+        e = Entry(label, "kfac-natgrad", [best.lr], entry.max_steps, entry.game_options,
+                  {**entry.solver_options, **opts}, natural=True)
+        o = evaluate_lr(game, e, best.lr, seeds, tol)
+        total = f"{o.median_iters * o.ms:.0f}" if math.isfinite(o.median_iters) else "—"
+        print(f"| {label} | {_fmt_iters(o)} | {o.converged}/{len(seeds)} | {o.ms:.2f} | {o.ms / ref.ms:.2f} "
+              f"| {total} |")
+
+
 def _fmt_iters(o: Outcome) -> str:
     return f"{o.median_iters:.0f}" if math.isfinite(o.median_iters) else f">{o.max_steps}"
 
@@ -213,7 +251,7 @@ def targets(game: str, rows: list[tuple[Entry, Outcome]], same_step: dict[str, O
     else:
         line(False, f"kfac-natgrad within 3× of exact-natgrad: {_fmt_iters(k)} vs {_fmt_iters(x)}")
     # the same update rule with and without the natural preconditioner: what a natural step costs
-    for label, plain in ((NAT_GDA, "gda"), ("exact-natgrad", "eg"), (best_label, "gda")):
+    for label, plain in ((NAT_GDA, "gda"), ("exact-natgrad", "eg"), (best_label, plain_twin(best_label))):
         o, p = by[label], by[plain]
         r = o.ms / p.ms
         line(r <= 5, f"a natural step within 5× a plain step: {label} {o.ms:.2f} ms / {plain} {p.ms:.2f} ms = {r:.2f}×")
@@ -306,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"\n{FUNCTIONAL} at {label}'s step {o.lr:.4g}: {_fmt_iters(o)} iterations "
                   f"({o.converged}/{len(seeds)} converged)", end="")
         print()
+        kfac_cost_table(game, rows, seeds, a.tol)
         all_targets += targets(game, rows, same)
     if not a.no_backends:
         backend_table(a.repeats)
