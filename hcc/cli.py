@@ -562,8 +562,8 @@ def sweep_(
     \b
     $ hcc sweep rps --solver gda+exact --lr 0.02,0.04,0.06,0.08,0.1 --seeds 256 --steps 300
     """
-    from .batch import run_batch
     from .sweep import format_table, save_sweep, summary_rows
+    from .sweep import sweep as run_sweep
 
     started = time.strftime("%Y%m%d-%H%M%S")
     with _input_errors():
@@ -576,8 +576,7 @@ def sweep_(
         game_options, solver_options = parse_key_values(game_opt), parse_key_values(solver_opt)
         seed_list = list(range(seed, seed + seeds))
         t0 = time.perf_counter()
-        records = run_batch(game, solver, seeds=[s for _ in lr_list for s in seed_list],
-                            lrs=[h for h in lr_list for _ in seed_list], game_options=game_options,
+        records = run_sweep(game, solver, lrs=lr_list, seeds=seed_list, game_options=game_options,
                             solver_options=solver_options, steps=steps, tol=tol, device=device, dtype=dtype,
                             chunk=chunk, backend=backend, threads=threads)  # type: ignore[arg-type]
         wall = time.perf_counter() - t0

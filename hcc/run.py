@@ -86,8 +86,19 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def write_history_csv(history: Sequence[Mapping[str, Any]], path: str | Path, first: Sequence[str] = ()) -> None:
-    """Rows as CSV: columns ``first``, then every other key in order of appearance; NaN/inf → empty."""
+def blank_nonfinite(v: Any) -> Any:
+    """The default CSV cell: NaN/inf as empty, everything else as it is."""
+    return "" if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def write_history_csv(
+    history: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    first: Sequence[str] = (),
+    cell: Callable[[Any], Any] = blank_nonfinite,
+) -> Path:
+    """Rows as CSV: columns ``first``, then every other key in order of appearance; each value
+    written as ``cell(value)`` (default: NaN/inf → empty)."""
     keys: list[str] = list(first)
     for row in history:
         keys += [k for k in row if k not in keys]
@@ -95,7 +106,8 @@ def write_history_csv(history: Sequence[Mapping[str, Any]], path: str | Path, fi
         w = csv.DictWriter(fh, fieldnames=keys)
         w.writeheader()
         for row in history:
-            w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+            w.writerow({k: cell(v) for k, v in row.items()})
+    return Path(path)
 
 
 def resolve_device(device: str) -> torch.device:

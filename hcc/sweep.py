@@ -24,7 +24,6 @@ Figures use the object-oriented Matplotlib API (no ``pyplot``), like :mod:`hcc.p
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -37,7 +36,7 @@ from matplotlib.figure import Figure
 
 from .batch import Backend, run_batch
 from .registry import OptionError
-from .run import Result, _jsonable
+from .run import Result, _jsonable, write_history_csv
 
 __all__ = [
     "batch_figure", "format_table", "instance_rows", "late_ratio", "save_batch", "save_sweep", "summary_rows", "sweep",
@@ -149,26 +148,15 @@ def _nanmedian(xs: Sequence[float]) -> float:
     return statistics.median(ok) if ok else math.nan
 
 
+def _six_digits(v: Any) -> Any:
+    if v is None:
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
 def write_rows(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Rows of dicts as CSV (floats with 6 significant digits; ``None`` as empty)."""
-    path = Path(path)
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-
-    def fmt(v: Any) -> Any:
-        if v is None:
-            return ""
-        if isinstance(v, float) and not isinstance(v, bool):
-            return f"{v:.6g}"
-        return v
-
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: fmt(v) for k, v in row.items()})
-    return path
+    return write_history_csv(rows, path, cell=_six_digits)
 
 
 def format_table(rows: Sequence[dict[str, Any]], keys: Sequence[str] | None = None) -> str:

@@ -700,16 +700,15 @@ def rescale_direction(
         tangents = [{k: (d[k] if k in names else torch.zeros_like(d[k])).detach() for k in primal} for names in blks]
     else:
         tangents = [{k: d[k].detach() for k in primal}]
-    cols, zcols = [], []
+    cols = []
     mu = logit_damping if s.head != "none" else 0.0
     for t in tangents:
         z, dz = jvp(f, (primal,), (t,))
-        Q = output_sqrt_factor(z, s.head, geometry)
-        cols.append(torch.einsum("nkc,nk->nc", Q, dz).reshape(-1))
-        if mu > 0:  # the head's input change; a softmax ignores shifts along 1
-            zcols.append((dz - dz.mean(-1, keepdim=True) if s.head == "softmax" else dz).reshape(-1))
-    if mu > 0:  # metric J_zᵀ(QQᵀ + μI)J_z in the fit: stack √μ·δz under Qᵀδz
-        cols = [torch.cat([c, math.sqrt(mu) * zc]) for c, zc in zip(cols, zcols, strict=True)]
+        col = torch.einsum("nkc,nk->nc", output_sqrt_factor(z, s.head, geometry), dz).reshape(-1)
+        if mu > 0:  # metric J_zᵀ(QQᵀ + μP)J_z: stack √μ·Pδz under Qᵀδz (a softmax ignores shifts along 1)
+            Pdz = dz - dz.mean(-1, keepdim=True) if s.head == "softmax" else dz
+            col = torch.cat([col, math.sqrt(mu) * Pdz.reshape(-1)])
+        cols.append(col)
     C = torch.stack(cols, 1)
     sq = torch.stack([sum(d[k].pow(2).sum() for k in names) for names in blks])
     dv = torch.stack([sum((d[k] * v[k]).sum() for k in names) for names in blks])
@@ -718,13 +717,11 @@ def rescale_direction(
         D = C.T @ C / x.shape[0] + torch.diag(lam * sq)
         # pseudo-inverse: a block with d_b = 0 (a zero row and column) gets α_b = 0, not 0/0
         alpha = torch.linalg.pinv(D, hermitian=True) @ dv
-    else:
-        den = C.pow(2).sum() / x.shape[0] + (lam * sq).sum()
-        tiny = torch.finfo(den.dtype).tiny
-        alpha = torch.where(den > tiny, dv.sum() / den.clamp_min(tiny), torch.zeros_like(den)).reshape(1)
-    if per_block:
         scale = {k: alpha[b] for b, names in enumerate(blks) for k in names}
         return {k: scale[k] * d[k] for k in d}, alpha
+    den = C.pow(2).sum() / x.shape[0] + (lam * sq).sum()
+    tiny = torch.finfo(den.dtype).tiny
+    alpha = torch.where(den > tiny, dv.sum() / den.clamp_min(tiny), torch.zeros_like(den)).reshape(1)
     return {k: alpha[0] * t for k, t in d.items()}, alpha
 
 
