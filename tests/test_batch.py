@@ -29,9 +29,9 @@ CASES = [
     ("rps", "hamiltonian", {}, {}, (0.01, 0.03, 0.1), 8, 1),
     ("rps", "nsgda", {"width": 8}, {"normalize": "layer"}, (0.01, 0.02, 0.05), 8, 1),
     ("rps", "gda+exact", {}, {}, (0.02, 0.06, 0.1), 12, 1),
-    ("rps", "exact-natgrad", {"n_support": 2}, {}, (0.2, 0.4, 0.5), 10, 3),
+    ("rps", "eg+exact", {"n_support": 2}, {}, (0.2, 0.4, 0.5), 10, 3),
     ("rps", "ogda+exact", {}, {"damping": 0.0}, (0.1, 0.2, 0.3), 10, 1),
-    ("rps", "cg-natgrad", {"width": 8, "n_support": 3}, {"maxiter": 15, "early_stop": False}, (0.2, 0.4, 0.5), 6, 1),
+    ("rps", "eg+cg", {"width": 8, "n_support": 3}, {"maxiter": 15, "early_stop": False}, (0.2, 0.4, 0.5), 6, 1),
     ("rps", "consensus+cg", {"width": 8}, {"maxiter": 10}, (0.01, 0.05, 0.1), 5, 1),
     ("bilinear", "gda", {"dim": 2}, {}, (0.05, 0.1, 0.3), 15, 1),
     ("bilinear", "eg", {"dim": 3, "matrix": "random"}, {}, (0.1, 0.5, 0.9), 15, 2),
@@ -87,8 +87,8 @@ def test_converged_instances_freeze_while_others_continue():
     """Per-instance stopping: each stops at its own step, its final V is its own."""
     lrs, seeds = (0.3, 0.4, 0.5, 0.45), [0, 1, 2, 3]
     games = _games("rps", {}, seeds)
-    records = solve_batch(games, hcc.make_solver("exact-natgrad", games[0]), lrs=lrs, steps=60, log_every=7)
-    solos = [_solo("rps", "exact-natgrad", {}, {}, s, h, steps=60, log_every=7) for s, h in zip(seeds, lrs)]
+    records = solve_batch(games, hcc.make_solver("eg+exact", games[0]), lrs=lrs, steps=60, log_every=7)
+    solos = [_solo("rps", "eg+exact", {}, {}, s, h, steps=60, log_every=7) for s, h in zip(seeds, lrs)]
     assert all(r.converged for r in solos) and len({r.steps_to_tol for r in solos}) > 1
     for rec, solo in zip(records, solos, strict=True):
         assert_same_record(rec, solo)
@@ -98,9 +98,9 @@ def test_converged_instances_freeze_while_others_continue():
 def test_no_stop_at_tol_and_tolerance_reached_at_the_start():
     games = _games("rps", {}, [0, 1])
     kw = dict(steps=40, tol=2e-3, stop_at_tol=False, log_every=9)
-    records = solve_batch(games, hcc.make_solver("exact-natgrad", games[0]), lrs=[0.4, 0.3], **kw)
+    records = solve_batch(games, hcc.make_solver("eg+exact", games[0]), lrs=[0.4, 0.3], **kw)
     for s, h, rec in zip([0, 1], [0.4, 0.3], records):
-        assert_same_record(rec, _solo("rps", "exact-natgrad", {}, {}, s, h, **kw))
+        assert_same_record(rec, _solo("rps", "eg+exact", {}, {}, s, h, **kw))
     # V0 ≤ tol: zero steps, as alone
     rec = solve_batch(games[:1], hcc.make_solver("eg", games[0]), steps=5, tol=10.0)[0]
     assert_same_record(rec, _solo("rps", "eg", {}, {}, 0, None, steps=5, tol=10.0))
@@ -127,11 +127,11 @@ def test_an_instance_whose_linear_solve_fails_is_diverged_alone():
     games = _games("rps", {"width": 8}, [0, 1, 2])
     with torch.no_grad():
         next(iter(games[1].min_map.parameters())).fill_(float("nan"))
-    records = solve_batch(games, hcc.make_solver("exact-natgrad", games[0]), steps=6)
+    records = solve_batch(games, hcc.make_solver("eg+exact", games[0]), steps=6)
     assert records[1].status == "diverged" and records[1].diverged_at == 1
     assert "linear solve failed" in records[1].message
     for i in (0, 2):
-        assert_same_record(records[i], _solo("rps", "exact-natgrad", {"width": 8}, {}, i, None, steps=6))
+        assert_same_record(records[i], _solo("rps", "eg+exact", {"width": 8}, {}, i, None, steps=6))
 
 
 def test_stochastic_game_draws_each_instance_its_own_batches():
@@ -147,20 +147,20 @@ def test_stochastic_game_draws_each_instance_its_own_batches():
 
 def test_cg_runs_masked_fixed_iterations_and_matches_early_stopping():
     games = _games("rps", {"width": 8, "n_support": 2}, [0, 1])
-    solver = hcc.make_solver("cg-natgrad", games[0], options={"maxiter": 30})
+    solver = hcc.make_solver("eg+cg", games[0], options={"maxiter": 30})
     assert batchable_solver(solver).precond.options.early_stop is False
     assert solver.precond.options.early_stop is True  # the caller's solver is untouched
     records = solve_batch(games, solver, steps=6)
     assert records[0].solver_options["early_stop"] is False
     for s, rec in zip([0, 1], records):
         for early in (True, False):
-            solo = _solo("rps", "cg-natgrad", {"width": 8, "n_support": 2}, {"maxiter": 30, "early_stop": early},
+            solo = _solo("rps", "eg+cg", {"width": 8, "n_support": 2}, {"maxiter": 30, "early_stop": early},
                          s, None, steps=6)
             assert_same_record(rec, solo, atol=1e-9)
 
 
-@pytest.mark.parametrize("solver,options", [("kfac-natgrad", {}), ("eg+diag", {}),
-                                            ("exact-natgrad", {"backend": "backpack"})])
+@pytest.mark.parametrize("solver,options", [("eg+kfac", {}), ("eg+diag", {}),
+                                            ("eg+exact", {"backend": "backpack"})])
 def test_backpack_preconditioners_refuse_to_batch_with_a_reason(solver, options):
     games = _games("rps", {"width": 8}, [0, 1])
     with pytest.raises(OptionError, match="cannot be batched: BackPACK"):
@@ -205,7 +205,7 @@ def test_run_batch_by_name_in_chunks_and_sweep_order():
 
 def test_float32_batch_runs():
     games = [hcc.make_game("rps", {"width": 8}, seed=s).float() for s in range(3)]
-    recs = solve_batch(games, hcc.make_solver("exact-natgrad", games[0]), steps=40, tol=1e-5)
+    recs = solve_batch(games, hcc.make_solver("eg+exact", games[0]), steps=40, tol=1e-5)
     assert all(r.dtype == "float32" for r in recs)
     assert all(r.final["lyapunov"] < 1e-3 * r.history[0]["lyapunov"] for r in recs), [r.final for r in recs]
 
@@ -215,7 +215,7 @@ def test_float32_batch_runs():
 
 def test_cli_solve_seeds_writes_a_batch_summary(tmp_path):
     out = tmp_path / "b"
-    res = CliRunner().invoke(main, ["solve", "rps", "-s", "exact-natgrad", "--seeds", "3", "--seed", "5",
+    res = CliRunner().invoke(main, ["solve", "rps", "-s", "eg+exact", "--seeds", "3", "--seed", "5",
                                     "--steps", "60", "-g", "width=8", "-o", str(out)])
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "result.json").read_text())
@@ -225,7 +225,7 @@ def test_cli_solve_seeds_writes_a_batch_summary(tmp_path):
     rows = list(csv.DictReader(open(out / "seeds.csv")))
     assert [int(r["seed"]) for r in rows] == [5, 6, 7] and {"steps_to_tol", "final_V", "converged"} <= set(rows[0])
     assert (out / "lyapunov.png").read_bytes()[:4] == b"\x89PNG"
-    solo = _solo("rps", "exact-natgrad", {"width": 8}, {}, 6, None, steps=60)
+    solo = _solo("rps", "eg+exact", {"width": 8}, {}, 6, None, steps=60)
     assert rows[1]["steps_to_tol"] == ("" if solo.steps_to_tol is None else str(solo.steps_to_tol))
     assert float(rows[1]["final_V"]) == pytest.approx(solo.final["lyapunov"], rel=1e-5)
 
@@ -246,7 +246,7 @@ def test_cli_sweep_writes_csv_summary_and_figure(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--lr", "0.1,x"], "--lr: expected comma-separated"),
     (["--lr", "0.1", "--solver", "nope+exact"], "unknown update rule 'nope'"),
-    (["--lr", "0.1", "--solver", "kfac-natgrad"], "cannot be batched"),
+    (["--lr", "0.1", "--solver", "eg+kfac"], "cannot be batched"),
     (["--lr", "0.1", "--chunk", "0"], "chunk"),
 ])
 def test_cli_sweep_bad_input_is_one_line(args, needle):

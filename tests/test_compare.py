@@ -19,7 +19,7 @@ from hcc.compare import Comparison, GridPoint, compare, load_groups, pick_lr, pl
 from hcc.run import Result as RunResult
 
 PDF_MAGIC = b"%PDF"
-SOLVERS = ("gda", "exact-natgrad")
+SOLVERS = ("gda", "eg+exact")
 STEPS = 40
 
 
@@ -61,7 +61,7 @@ def test_same_seed_same_initial_V_across_solvers(compare_dir: Path) -> None:
     assert {r["solver"] for r in rows} == set(SOLVERS) and len(rows) == 2 * len(SOLVERS)
     v0 = {(r["solver"], r["seed"]): float(r["lyapunov"]) for r in rows}
     for seed in ("0", "1"):
-        assert v0["gda", seed] == v0["exact-natgrad", seed]
+        assert v0["gda", seed] == v0["eg+exact", seed]
     assert v0["gda", "0"] != v0["gda", "1"]  # different seeds: different instances
 
 
@@ -96,7 +96,7 @@ def test_files_written_and_consistent(compare_dir: Path) -> None:
         row = next(line for line in table.splitlines() if line.startswith(f"| {s['solver']} |"))
         assert f"{s['final_median']:.2e}" in row and f"{s['lr']:g}" in row
         assert (f"> {STEPS}" if s["median_steps_to_tol"] is None else f"{s['median_steps_to_tol']:g}") in row
-    natgrad = next(s for s in data["summaries"] if s["solver"] == "exact-natgrad")
+    natgrad = next(s for s in data["summaries"] if s["solver"] == "eg+exact")
     gda = next(s for s in data["summaries"] if s["solver"] == "gda")
     assert natgrad["converged_fraction"] == 1.0 and natgrad["median_steps_to_tol"] <= STEPS
     assert gda["converged_fraction"] == 0.0 and gda["final_median"] > 1e3 * natgrad["final_median"]
@@ -123,7 +123,7 @@ def test_tune_records_grid_and_picks_by_the_rule(tuned_dir: Path) -> None:
         assert [g.lr for g in points] == s["grid"]
         assert s["lr"] == pick_lr(points) and s["lr"] in s["grid"]
         assert sum(line.startswith(f"| {s['solver']} | ") for line in table.splitlines()) == 1 + len(points)
-    natgrad = next(s for s in data["summaries"] if s["solver"] == "exact-natgrad")
+    natgrad = next(s for s in data["summaries"] if s["solver"] == "eg+exact")
     assert natgrad["lr"] == natgrad["default_lr"]  # 0.2 does not reach 1e-6 in 40 steps, 0.4 does
     assert natgrad["tuning"][0]["median_steps_to_tol"] is None and natgrad["tuning"][1]["converged_fraction"] == 1
     gda = next(s for s in data["summaries"] if s["solver"] == "gda")  # never converges: smallest final V wins
@@ -139,8 +139,8 @@ def test_pick_lr_rule() -> None:
 
 
 def test_explicit_grid_and_gan_metric() -> None:
-    cmp = compare("rps", ["exact-natgrad"], seeds=[3], steps=5, tune=True, grid=[0.4, 0.2])
-    assert cmp.summaries[0].grid == [0.2, 0.4] and cmp.seeds == [3] and cmp.results["exact-natgrad"][0].seed == 3
+    cmp = compare("rps", ["eg+exact"], seeds=[3], steps=5, tune=True, grid=[0.4, 0.2])
+    assert cmp.summaries[0].grid == [0.2, 0.4] and cmp.seeds == [3] and cmp.results["eg+exact"][0].seed == 3
     gan = compare("gan", ["gda"], seeds=1, steps=2, log_every=2)
     assert gan.metric == "mmd" and gan.summaries[0].converged_fraction is None
     assert gan.summaries[0].median_steps_to_tol is None and gan.summaries[0].final_median is not None
@@ -188,7 +188,7 @@ def test_plot_bad_inputs(compare_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (("--solvers", "gda,nosuch"), ("nosuch", "expected one of", "exact-natgrad")),
+        (("--solvers", "gda,nosuch"), ("nosuch", "expected one of", "eg+exact")),
         (("--solvers", "gda,nope+exact"), ("nope", "rule")),
         (("--solvers", ","), ("--solvers", "expected")),
         (("--solvers", ""), ("--solvers", "expected")),

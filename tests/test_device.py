@@ -12,7 +12,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"
 
 
 @cuda
-@pytest.mark.parametrize("solver", ["eg", "exact-natgrad", "cg-natgrad", "kfac-natgrad"])
+@pytest.mark.parametrize("solver", ["eg", "eg+exact", "eg+cg", "eg+kfac"])
 def test_solve_on_cuda_matches_cpu(solver: str) -> None:
     runs = [hcc.run("rps", solver, steps=40, device=d, dtype="float64", stop_at_tol=False) for d in ("cpu", "cuda")]
     assert runs[1].device.startswith("cuda")
@@ -23,7 +23,7 @@ def test_solve_on_cuda_matches_cpu(solver: str) -> None:
 @cuda
 def test_batched_on_cuda_matches_cpu() -> None:
     kw = dict(seeds=[0, 1, 2], steps=30, dtype="float64", stop_at_tol=False)
-    cpu, gpu = (run_batch("rps", "exact-natgrad", device=d, **kw) for d in ("cpu", "cuda"))
+    cpu, gpu = (run_batch("rps", "eg+exact", device=d, **kw) for d in ("cpu", "cuda"))
     for a, b in zip(cpu, gpu, strict=True):
         assert abs(a.final["lyapunov"] - b.final["lyapunov"]) <= 1e-8 * max(1.0, a.final["lyapunov"])
 

@@ -257,7 +257,7 @@ def test_monte_carlo_draws_advance_and_reproduce() -> None:
                                  {"rescale": "layer"}, {"logit_damping": -1.0}])
 def test_options_are_validated(bad: dict) -> None:
     with pytest.raises(OptionError, match=next(iter(bad))):
-        make_solver("kfac-natgrad", "rps", options=bad)
+        make_solver("eg+kfac", "rps", options=bad)
 
 
 def test_kfac_monte_carlo_is_unbiased() -> None:
@@ -449,7 +449,7 @@ def test_converges_on_saturating_two_by_two_game() -> None:
     player's softmax (``F₀ = 9e-10``) and the scale-free inverse threw it into a corner with
     ``J = 0`` (``V`` stuck at 0.26); the logit trust region keeps seeds 0-3 converging."""
     for seed in range(4):
-        res = hcc.run("matrix", "kfac-natgrad", game_options={"payoff": "3,-1;-2,1"}, seed=seed, steps=100,
+        res = hcc.run("matrix", "eg+kfac", game_options={"payoff": "3,-1;-2,1"}, seed=seed, steps=100,
                       log_every=100, dtype="float64")
         assert res.converged and res.steps_to_tol <= 60, (seed, res.message)  # measured 49, 43, 41, 43
 
@@ -504,7 +504,7 @@ def test_fisher_on_linear_output_is_an_error() -> None:
     """No silent swap of geometries: ``fisher`` needs a probability head."""
     game = hcc.make_game("bilinear").to(DT)
     with pytest.raises(OptionError, match="fisher"):
-        make_solver("kfac-natgrad", game, options={"geometry": "fisher"}).init(game, game.init_params())
+        make_solver("eg+kfac", game, options={"geometry": "fisher"}).init(game, game.init_params())
 
 
 def test_cosine_to_exact_natural_direction() -> None:
@@ -570,9 +570,9 @@ def test_refresh_period_and_running_average() -> None:
 
 def test_refresh_and_decay_change_the_trajectory() -> None:
     """The options matter: stale or averaged curvature gives a different run."""
-    base = hcc.run("rps", "kfac-natgrad", steps=8, stop_at_tol=False, log_every=8).final["lyapunov"]
+    base = hcc.run("rps", "eg+kfac", steps=8, stop_at_tol=False, log_every=8).final["lyapunov"]
     for opts in ({"refresh": 4}, {"decay": 0.9}):
-        other = hcc.run("rps", "kfac-natgrad", steps=8, stop_at_tol=False, log_every=8, solver_options=opts)
+        other = hcc.run("rps", "eg+kfac", steps=8, stop_at_tol=False, log_every=8, solver_options=opts)
         assert other.final["lyapunov"] != pytest.approx(base, rel=1e-6), opts
 
 
@@ -581,11 +581,11 @@ def test_refresh_and_decay_change_the_trajectory() -> None:
 
 def test_registered() -> None:
     assert PRECONDITIONERS["kfac"] is KFAC and PRECONDITIONERS["diag"] is DiagGGN
-    for name in ("kfac-natgrad", "diag-natgrad"):
+    for name in ("eg+kfac", "eg+diag"):
         assert SOLVERS[name].rule == "eg"
 
 
-@pytest.mark.parametrize("solver", ["kfac-natgrad", "diag-natgrad"])
+@pytest.mark.parametrize("solver", ["eg+kfac", "eg+diag"])
 @pytest.mark.parametrize("game,options", [("rps", {}), ("matching-pennies", {"lam": 0.1}), ("bilinear", {})])
 def test_converges_with_defaults(solver: str, game: str, options: dict) -> None:
     """Default options and step sizes reach ``V ≤ 1e-6`` (iteration counts: module report)."""
@@ -595,7 +595,7 @@ def test_converges_with_defaults(solver: str, game: str, options: dict) -> None:
 
 
 def test_kfac_logs_numbers() -> None:
-    res = hcc.run("rps", "kfac-natgrad", steps=2, stop_at_tol=False)
+    res = hcc.run("rps", "eg+kfac", steps=2, stop_at_tol=False)
     row = res.history[-1]
     for key in ("damping_theta", "damping_phi", "alpha_theta", "cos_exact_theta", "kfac_refreshes_total"):
         assert isinstance(row[key], float) and math.isfinite(row[key]), key
@@ -606,7 +606,7 @@ def test_gan_step_is_finite() -> None:
     """A GAN (linear generator output over the latent batch, discriminator logit over real ∪ fake)."""
     if "gan" not in hcc.GAMES:
         pytest.skip("no gan game")
-    res = hcc.run("gan", "kfac-natgrad", steps=3, stop_at_tol=False, log_every=1,
+    res = hcc.run("gan", "eg+kfac", steps=3, stop_at_tol=False, log_every=1,
                   game_options={"width": 16, "batch_size": 32, "n_eval": 64})
     assert res.status != "diverged", res.message
     assert math.isfinite(res.history[-1]["alpha_theta"])
@@ -617,7 +617,7 @@ def test_large_network_step() -> None:
     """≥ 100k parameters per player (rps, width 320): a step runs; no cosine by default."""
     game = hcc.make_game("rps", {"width": 320}).to(DT)
     assert sum(p.numel() for p in game.min_map.parameters()) >= 100_000
-    solver = make_solver("kfac-natgrad", game)
+    solver = make_solver("eg+kfac", game)
     params = game.init_params()
     state = solver.init(game, params)
     params, state, info = solver.step(game, params, state, game.sample_batch())
@@ -629,12 +629,12 @@ def test_diag_multi_point_rps_needs_block_rescaling() -> None:
     """With 8 support points one scalar α cannot fit the diagonal direction to the
     function-space step (V ≈ 2e-4 after 300 steps); one α per block converges (258 steps)."""
     opts = {"n_support": 8}
-    plain = hcc.run("rps", "diag-natgrad", game_options=opts, steps=300, log_every=300)
+    plain = hcc.run("rps", "eg+diag", game_options=opts, steps=300, log_every=300)
     assert not plain.converged
-    block = hcc.run("rps", "diag-natgrad", game_options=opts, steps=400, log_every=400,
+    block = hcc.run("rps", "eg+diag", game_options=opts, steps=400, log_every=400,
                     solver_options={"rescale": "block"})
     assert block.converged, block.message
-    kfac = hcc.run("rps", "kfac-natgrad", game_options=opts, steps=300, log_every=300)
+    kfac = hcc.run("rps", "eg+kfac", game_options=opts, steps=300, log_every=300)
     assert kfac.converged and kfac.steps_to_tol <= 40  # measured 30
 
 
@@ -642,6 +642,6 @@ def test_diag_multi_point_rps_needs_block_rescaling() -> None:
 def test_wide_network_converges_with_stale_inverses() -> None:
     """Width 320 (≥ 100k parameters per player), inverses refreshed every other call: the
     default damping keeps the stale rank-deficient factors from over-stepping."""
-    res = hcc.run("rps", "kfac-natgrad", game_options={"width": 320}, steps=100, log_every=100,
+    res = hcc.run("rps", "eg+kfac", game_options={"width": 320}, steps=100, log_every=100,
                   solver_options={"refresh": 2})
     assert res.converged and res.steps_to_tol <= 40, res.message

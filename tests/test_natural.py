@@ -392,31 +392,31 @@ def test_auto_method_rule():
 
 def test_options_are_validated():
     with pytest.raises(OptionError, match="method"):
-        make_solver("exact-natgrad", "rps", options={"method": "svd"})
+        make_solver("eg+exact", "rps", options={"method": "svd"})
     with pytest.raises(OptionError, match="backend"):
-        make_solver("exact-natgrad", "rps", options={"backend": "jax"})
+        make_solver("eg+exact", "rps", options={"backend": "jax"})
     with pytest.raises(OptionError, match="damping"):
-        make_solver("cg-natgrad", "rps", options={"damping": -1})
+        make_solver("eg+cg", "rps", options={"damping": -1})
     with pytest.raises(OptionError, match="maxiter"):
-        make_solver("cg-natgrad", "rps", options={"maxiter": 0})
+        make_solver("eg+cg", "rps", options={"maxiter": 0})
     with pytest.raises(OptionError, match="unknown option"):
-        make_solver("exact-natgrad", "rps", options={"tol": 1e-3})
+        make_solver("eg+exact", "rps", options={"tol": 1e-3})
     bil = hcc.make_game("bilinear").double()
     with pytest.raises(OptionError, match="structured"):
         exact_natural_direction(bil.min_map, bil.init_params()[0], bil.x_min, residual=torch.ones(1, 1),
                                 method="structured")
-    s = make_solver("cg-natgrad", "rps", options={"tol": "1e-4", "warm_start": "false", "damping": "0.1"})
+    s = make_solver("eg+cg", "rps", options={"tol": "1e-4", "warm_start": "false", "damping": "0.1"})
     assert (s.precond.options.tol, s.precond.options.warm_start, s.precond.options.damping) == (1e-4, False, 0.1)
 
 
 def test_registry_and_compose_solver():
     assert {"exact", "cg"} <= set(PRECONDITIONERS)
-    for name, pre in (("exact-natgrad", Exact), ("cg-natgrad", CG)):
+    for name, pre in (("eg+exact", Exact), ("eg+cg", CG)):
         s = make_solver(name, "rps")
         assert isinstance(s.precond, pre) and s.rule.name == "eg"
     s = compose_solver("ogda", "exact", "rps", options={"damping": 0.0, "method": "kernel"})
     assert s.name == "ogda+exact" and s.precond.options.method == "kernel"
-    assert compose_solver("eg", "cg", "rps").lr == make_solver("cg-natgrad", "rps").lr
+    assert compose_solver("eg", "cg", "rps").lr == make_solver("eg+cg", "rps").lr
     assert compose_solver("gda", "identity", "bilinear").lr == make_solver("gda", "bilinear").lr
     with pytest.raises(OptionError, match="precond"):
         compose_solver("eg", "nope", "rps")
@@ -426,7 +426,7 @@ def test_registry_and_compose_solver():
 
 
 def test_history_logs_damping_and_cg_numbers():
-    res = hcc.run("rps", "cg-natgrad", steps=3, stop_at_tol=False, game_options={"width": 8, "n_support": 2})
+    res = hcc.run("rps", "eg+cg", steps=3, stop_at_tol=False, game_options={"width": 8, "n_support": 2})
     row = res.history[-1]
     for key in ("damping", "cg_iters", "cg_iters_total", "cg_residual"):
         assert isinstance(row[key], float) and math.isfinite(row[key]), key
@@ -484,7 +484,7 @@ def test_cg_on_a_network_with_100k_parameters():
     game = hcc.make_game("rps", {"width": 320, "n_support": 4}).double()
     assert game.describe()["params_min"] >= 100_000
     params, batch = game.init_params(), game.sample_batch()
-    solver = make_solver("cg-natgrad", game)
+    solver = make_solver("eg+cg", game)
     new, _, info = solver.step(game, params, solver.init(game, params), batch)
     assert all_finite(new) and float(info["cg_residual"]) <= solver.precond.options.tol
 
@@ -493,7 +493,7 @@ def test_gan_steps_with_natural_solvers():
     game = _small_gan()
     params = game.init_params()
     batch = game.sample_batch(torch.Generator().manual_seed(0))
-    for name in ("exact-natgrad", "cg-natgrad"):
+    for name in ("eg+exact", "eg+cg"):
         solver = make_solver(name, game)
         state, p = solver.init(game, params), params
         for _ in range(2):
@@ -507,7 +507,7 @@ def test_gan_steps_with_natural_solvers():
 NATURAL_GAMES = [("rps", {}), ("matching-pennies", {"lam": 0.1})]
 
 
-@pytest.mark.parametrize("solver", ["exact-natgrad", "cg-natgrad"])
+@pytest.mark.parametrize("solver", ["eg+exact", "eg+cg"])
 @pytest.mark.parametrize("game_case", NATURAL_GAMES, ids=[g[0] for g in NATURAL_GAMES])
 def test_natural_solvers_converge_with_defaults(game_case, solver):
     name, options = game_case
@@ -521,7 +521,7 @@ def test_natural_extragradient_needs_far_fewer_iterations_than_plain():
     over ~3 decades), so plain EG crawls along the weak directions at every stable
     step, while the natural direction moves every point at the function-space rate."""
     options = {"n_support": 4}
-    nat = hcc.run("rps", "exact-natgrad", game_options=options, steps=200, tol=1e-6, log_every=1000)
+    nat = hcc.run("rps", "eg+exact", game_options=options, steps=200, tol=1e-6, log_every=1000)
     assert nat.converged and nat.steps_to_tol <= 100, nat.message
     for lr in (None, 0.2):  # the registered step, and the best plain step on other RPS variants
         plain = hcc.run("rps", "eg", game_options=options, lr=lr, steps=5 * nat.steps_to_tol, log_every=1000)
@@ -531,7 +531,7 @@ def test_natural_extragradient_needs_far_fewer_iterations_than_plain():
 @pytest.mark.slow
 def test_natural_extragradient_vs_plain_on_the_default_game():
     """On the default RPS (one support point, J Jᵀ well conditioned) the gap is modest."""
-    nat = hcc.run("rps", "exact-natgrad", steps=200, tol=1e-6, log_every=1000)
+    nat = hcc.run("rps", "eg+exact", steps=200, tol=1e-6, log_every=1000)
     plain = hcc.run("rps", "eg", steps=3000, tol=1e-6, log_every=1000)
     assert nat.converged and plain.converged and nat.steps_to_tol < plain.steps_to_tol
 
@@ -541,5 +541,5 @@ def test_natural_extragradient_vs_plain_on_the_default_game():
 @pytest.mark.parametrize("seed", range(5))
 def test_default_damping_is_robust_from_saturated_starts(seed, out_scale):
     game = hcc.make_game("rps", {"out_scale": out_scale}, seed=seed).double()
-    res = solve(game, make_solver("exact-natgrad", game), steps=300, tol=1e-6, seed=seed, log_every=1000)
+    res = solve(game, make_solver("eg+exact", game), steps=300, tol=1e-6, seed=seed, log_every=1000)
     assert res.converged, res.message

@@ -65,6 +65,9 @@ class Game(nn.Module):
     zero_sum: ClassVar[bool] = True
     #: True when the support is resampled each step (GANs).
     stochastic: ClassVar[bool] = False
+    #: False when the max player's support depends on the min player's output (a GAN's discriminator
+    #: sees the generator's samples): then there is no fixed function-space game to take steps in
+    fixed_support: ClassVar[bool] = True
     #: steps a run takes when none are given
     default_steps: ClassVar[int] = 2000
     #: record metrics every this many steps unless told otherwise (the GAN's metrics are costly)

@@ -213,6 +213,7 @@ class GAN(Game):
     name = "gan"
     Options = GANOptions
     stochastic = True
+    fixed_support = False
     default_steps = 3000
     default_log_every = 20
 

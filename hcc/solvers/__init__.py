@@ -45,6 +45,7 @@ class Solver:
         self.name, self.rule, self.precond, self.lr = name, rule, precond, float(lr)
 
     def init(self, game: Game, params: Params) -> dict[str, Any]:
+        self.rule.check_game(game)
         return {"rule": self.rule.init(params), "precond": self.precond.init(game, params)}
 
     def step(self, game: Game, params: Params, state: dict[str, Any], batch: Batch) -> tuple[Params, dict, dict]:
@@ -67,7 +68,12 @@ class Solver:
                 d, cell[0], info = self.precond.direction(game, p, batch, cell[0], players)
                 return d, info
 
-        oracle = Oracle(game, batch, precondition, direction_fn=direction)
+        def pullback(p: Params, targets: tuple, damping: tuple[float, float]) -> tuple[Params, dict]:
+            d, cell[0], info = self.precond.pullback(game, p, batch, targets, cell[0], damping)
+            return d, info
+
+        oracle = Oracle(game, batch, precondition, direction_fn=direction, pullback_fn=pullback,
+                        pullback_geometry=self.precond.geometry)
         new, rstate, info = self.rule.step(oracle, params, state["rule"], self.lr)
         new = game.project(new)
         info = {**_merge_infos(oracle.infos), **info, "field_evals": oracle.calls}
@@ -127,9 +133,11 @@ def _build(
     return Solver(name, rule, precond, lr)
 
 
-def _lr_scale(game: Game | str) -> float:
-    """:attr:`Game.lr_scale` of an instance (a name: 1)."""
-    return 1.0 if isinstance(game, str) else float(game.lr_scale)
+def _lr_scale(game: Game | str, rule: str) -> float:
+    """:attr:`Game.lr_scale` of an instance (a name: 1), if the rule's steps scale with the game."""
+    if isinstance(game, str) or not RULES[rule].lr_scales_with_game:
+        return 1.0
+    return float(game.lr_scale)
 
 
 def check_solver_name(name: str) -> str:
@@ -165,7 +173,7 @@ def make_solver(
         return compose_solver(rule, precond, game, lr=lr, options=options)
     spec = SOLVERS[name]
     game_name = game if isinstance(game, str) else game.name
-    lr = spec.default_lr(game_name) * _lr_scale(game) if lr is None else lr
+    lr = spec.default_lr(game_name) * _lr_scale(game, spec.rule) if lr is None else lr
     return _build(name, spec.rule, spec.precond, spec.rule_defaults, spec.precond_defaults, lr, options)
 
 
@@ -196,7 +204,7 @@ def compose_solver(
             specs = [s for s in SOLVERS.values() if s.rule == rule and s.precond == "identity" and not s.rule_defaults]
         if not specs:
             raise OptionError(f"no default step size for rule {rule!r} with precond {precond!r}; pass lr")
-        lr = specs[0].default_lr(game_name) * _lr_scale(game)
+        lr = specs[0].default_lr(game_name) * _lr_scale(game, rule)
     return _build(f"{rule}+{precond}", rule, precond, {}, {}, lr, options)
 
 
@@ -237,24 +245,42 @@ for _name, _spec in _PLAIN.items():
 PRECONDITIONERS.register(Exact.name, Exact)
 PRECONDITIONERS.register(CG.name, CG)
 
-# Natural extragradient (design.md §2). Simultaneous Euler on the natural flow is
+# Natural extragradient (the field-based natural solvers; before the proximal rule these were
+# exact-/cg-natgrad). Simultaneous Euler on the natural flow is
 # stable only for h < 2a/(a² + b²) (≈ 0.066 on regularized RPS: a = 0.1, b ≈ √3;
 # ≈ 0.012 on matching pennies: b = 4), extragradient for far larger steps. Measured
 # (float64, default damping, 10 seeds, V ≤ 1e-6): EG at 0.4 on RPS, median 29
 # iterations, and still 10/10 from saturated starts (out_scale 8 and 15); optimistic
 # GDA needs one direction per step instead of two and reaches ~30 iterations at 0.3,
 # but sits at its stability edge (0.35 already fails from out_scale 8), so EG is the
-# default. Matching pennies (λ = 0.1): EG at 0.2, median 42. Bilinear (J = I, the
+# preset. Matching pennies (λ = 0.1): EG at 0.2, median 42. Bilinear (J = I, the
 # natural step is the plain one over 1 + λ): 0.6, stable on the identity, random and
 # rotation variants. Step sizes: grids {0.3, 0.4, 0.5} (rps), {0.15, 0.2, 0.25} (mp),
-# {0.3, …, 1.5} (bilinear).
+# {0.3, …, 1.5} (bilinear). They run on every game, the continuous GAN included.
+_NATURAL_EG = {
+    "eg+exact": SolverSpec(
+        "eg", precond="exact", summary="extragradient on the exact generalized natural gradient (field-based)",
+        lr={"*": 0.1, "bilinear": 0.6, "rps": 0.4, "matrix": 0.4, MP: 0.2, "gan": 0.05}),
+    "eg+cg": SolverSpec(
+        "eg", precond="cg", summary="extragradient on the natural gradient by conjugate gradients (field-based)",
+        lr={"*": 0.1, "bilinear": 0.6, "rps": 0.4, "matrix": 0.4, MP: 0.2, "gan": 0.05}),
+}
+for _name, _spec in _NATURAL_EG.items():
+    register_solver(_name, _spec)
+
+from . import prox as _prox  # noqa: E402  (registers the prox rule)
+
+#: the pull-back geometry of the named proximal solvers: Gauss-Newton on the centred logits
+PROX_PULLBACK = {"geometry": "logit"}
+# The natural proximal-point solvers (hcc.solvers.prox): one default for every game with a fixed
+# function-space support, lr = 1 (the full Gauss-Newton step; nothing to tune per game).
 _NATURAL = {
     "exact-natgrad": SolverSpec(
-        "eg", precond="exact", summary="extragradient on the exact generalized natural gradient",
-        lr={"*": 0.1, "bilinear": 0.6, "rps": 0.4, "matrix": 0.4, MP: 0.2, "gan": 0.05}),
+        "prox", precond="exact", precond_defaults=PROX_PULLBACK, lr={"*": 1.0},
+        summary="natural proximal point: implicit function-space step, exact Gauss-Newton pull-back"),
     "cg-natgrad": SolverSpec(
-        "eg", precond="cg", summary="extragradient on the natural gradient by conjugate gradients",
-        lr={"*": 0.1, "bilinear": 0.6, "rps": 0.4, "matrix": 0.4, MP: 0.2, "gan": 0.05}),
+        "prox", precond="cg", precond_defaults=PROX_PULLBACK, lr={"*": 1.0},
+        summary="natural proximal point, pull-back by conjugate gradients"),
 }
 for _name, _spec in _NATURAL.items():
     register_solver(_name, _spec)

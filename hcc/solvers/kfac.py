@@ -201,10 +201,9 @@ from torch.nn.modules.loss import _Loss
 from ..games.base import Batch, Game, Params
 from ..registry import OptionError, opt
 from . import SolverSpec, register_solver
+from .heads import Geometry, Head, check_geometry, output_factor, split_head
 from .precond import PRECONDITIONERS, Preconditioner
 
-Geometry = Literal["l2", "fisher"]
-Head = Literal["none", "softmax", "sigmoid"]
 Backend = Literal["auto", "backpack", "torch"]
 
 #: largest parameter block outside linear layers that gets an exact dense block
@@ -273,16 +272,7 @@ def analyze_map(module: nn.Module) -> MapStructure:
     head; everything else is the body. Linear layers anywhere in the body are K-FAC
     blocks; all other parameters form one exact dense block.
     """
-    head: Head = "none"
-    body = module
-    if isinstance(module, nn.Sequential) and len(module) > 0:
-        last = module[-1]
-        if isinstance(last, nn.Softmax) and last.dim in (-1, 1):
-            head = "softmax"
-        elif isinstance(last, nn.Sigmoid):
-            head = "sigmoid"
-        if head != "none":
-            body = nn.Sequential(*list(module)[:-1])  # indices (names) unchanged: the head is last
+    body, head = split_head(module)
     linear, has_bias, owned = [], [], set()
     for prefix, m in body.named_modules():
         if isinstance(m, nn.Linear):
@@ -298,33 +288,8 @@ def analyze_map(module: nn.Module) -> MapStructure:
 # -- the output-side factor Q ------------------------------------------------------------------
 
 
-def output_sqrt_factor(z: Tensor, head: Head, geometry: Geometry) -> Tensor:
-    r"""``Q_i`` (shape ``(n, k, k)``) with ``A = (1/n) Σ J_{z,i}ᵀ Q_i Q_iᵀ J_{z,i}``; see the module docstring.
-
-    >>> z = torch.zeros(1, 3, dtype=torch.float64)
-    >>> Q = output_sqrt_factor(z, "softmax", "fisher")
-    >>> torch.allclose(Q[0] @ Q[0].T, torch.eye(3, dtype=z.dtype) / 3 - 1 / 9)
-    True
-    """
-    n, k = z.shape
-    if geometry not in ("l2", "fisher"):
-        raise OptionError(f"geometry: expected one of l2, fisher, got {geometry!r}")
-    if head == "none":
-        if geometry == "fisher":
-            raise OptionError(
-                "geometry: 'fisher' needs a probability-valued strategy (a softmax or sigmoid head), "
-                "got a map with linear output; use geometry='l2'"
-            )
-        return torch.eye(k, dtype=z.dtype, device=z.device).expand(n, k, k)
-    if head == "softmax":
-        p = torch.softmax(z, -1)
-        if geometry == "l2":
-            return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-        sp = p.sqrt()
-        return torch.diag_embed(sp) - p[:, :, None] * sp[:, None, :]
-    s = torch.sigmoid(z)
-    w = s * (1 - s)
-    return torch.diag_embed(w if geometry == "l2" else w.sqrt())
+#: ``Q_i`` of the geometry (:func:`hcc.solvers.heads.output_factor`; the name K-FAC's docs use)
+output_sqrt_factor = output_factor
 
 
 def _output_columns(Q: Tensor, noise: Tensor | None) -> Tensor:
@@ -773,7 +738,8 @@ def _apply_dense(inv: tuple[str, Tensor, Tensor, Tensor, Tensor], v: Tensor) -> 
 class _CommonOptions:
     """Options shared by the K-FAC and diagonal preconditioners (docs: module docstring)."""
 
-    geometry: Geometry = opt("l2", "metric: l2 (J_zᵀS²J_z, the flow's) or fisher (J_zᵀSJ_z, probability heads only)")
+    geometry: Geometry = opt(
+        "l2", "metric: l2 (J_zᵀS²J_z, the flow's) | fisher (J_zᵀSJ_z, probability heads only) | logit (J_zᵀPJ_z)")
     damping: float = opt(1e-2, "Tikhonov damping λ per block (× the block's mean diagonal if relative)")
     damping_scale: Literal["relative", "absolute"] = opt(
         "relative", "λ_b = damping × mean diagonal of block b (relative) or damping (absolute)"
@@ -808,7 +774,8 @@ class _CommonOptions:
             raise OptionError(f"refresh: expected a positive integer, got {self.refresh}")
         if self.mc_samples < 1:
             raise OptionError(f"mc_samples: expected a positive integer, got {self.mc_samples}")
-        for k, valid in (("geometry", ("l2", "fisher")), ("damping_scale", ("relative", "absolute")),
+        check_geometry(self.geometry)
+        for k, valid in (("damping_scale", ("relative", "absolute")),
                          ("rescale", ("player", "block", "none")),
                          ("backend", ("auto", "backpack", "torch"))):
             if getattr(self, k) not in valid:
@@ -910,12 +877,9 @@ class _BlockPreconditioner(Preconditioner):
     def _cosine(self, module: nn.Module, s: MapStructure, p: dict[str, Tensor], x: Tensor, v: dict[str, Tensor],
                 d: dict[str, Tensor]) -> Tensor:
         """Cosine between ``d`` and the exact minimum-norm natural direction ``A⁺v`` (undamped)."""
-        if self.options.geometry == "l2":
-            from .natural import exact_natural_direction
+        from .natural import exact_natural_direction
 
-            exact = _flat(exact_natural_direction(module, p, x, v, damping=0.0), s.names)
-        else:  # natural.py covers the l2 metric of the map's output only
-            exact = dense_natural_direction(s, p, x, _flat(v, s.names), self.options.geometry)
+        exact = _flat(exact_natural_direction(module, p, x, v, damping=0.0, geometry=self.options.geometry), s.names)
         approx = _flat(d, s.names)
         den = exact.norm() * approx.norm()
         return (exact @ approx) / den if den > 0 else torch.ones(())
@@ -1086,15 +1050,24 @@ class DiagGGN(_BlockPreconditioner):
 PRECONDITIONERS.register(KFAC.name, KFAC)
 PRECONDITIONERS.register(DiagGGN.name, DiagGGN)
 
-# The named solvers: extragradient on the rescaled natural direction (module docstring,
-# "Named solvers", for the rule choice and the step-size sweeps).
-register_solver("kfac-natgrad", SolverSpec(
+# Extragradient on the rescaled natural direction (module docstring, "Named solvers", for the rule
+# choice and the step-size sweeps): the field-based presets, for every game.
+register_solver("eg+kfac", SolverSpec(
     "eg", precond="kfac", summary="extragradient on the K-FAC (KFLR) natural direction, step fitted in function space",
     lr={"*": 0.3, "rps": 0.4, "matching-pennies": 0.18, "bilinear": 0.7, "gan": 0.1},
 ))
-register_solver("diag-natgrad", SolverSpec(
+register_solver("eg+diag", SolverSpec(
     "eg", precond="diag", summary="extragradient on the diagonal-GGN natural direction, step fitted in function space",
     lr={"*": 0.3, "rps": 0.4, "matching-pennies": 0.18, "bilinear": 0.7, "gan": 0.05},
+))
+# The natural proximal-point solvers with K-FAC / diagonal pull-backs (hcc.solvers.prox).
+register_solver("kfac-natgrad", SolverSpec(
+    "prox", precond="kfac", precond_defaults={"geometry": "logit"}, lr={"*": 1.0},
+    summary="natural proximal point, K-FAC (KFLR) pull-back with an exact step-length fit",
+))
+register_solver("diag-natgrad", SolverSpec(
+    "prox", precond="diag", precond_defaults={"geometry": "logit"}, lr={"*": 1.0},
+    summary="natural proximal point, diagonal-GGN pull-back with an exact step-length fit",
 ))
 
 __all__ = [

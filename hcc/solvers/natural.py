@@ -88,6 +88,16 @@ from torch.func import functional_call, jacrev, vjp, vmap
 
 from ..games.base import Batch, Game, Params
 from ..registry import OptionError, opt
+from .heads import (
+    Geometry,
+    Head,
+    apply_factor_t,
+    check_geometry,
+    field_residual,
+    output_factor,
+    split_head,
+    target_residual,
+)
 from .precond import Preconditioner
 
 Method = Literal["auto", "kernel", "structured", "dense"]
@@ -238,7 +248,10 @@ class _Structured(NamedTuple):
     deltas: list[Tensor]
 
 
-def _structured_factors(module: nn.Sequential, params: dict[str, Tensor], x: Tensor) -> _Structured:
+def _structured_factors(module: nn.Sequential, params: dict[str, Tensor], x: Tensor,
+                        Q: Tensor | None = None) -> _Structured:
+    """Per-layer factors of ``J`` (``Q is None``) or of the metric Jacobian ``Ĵ_i = Q_iᵀ J_i``: the
+    backpropagated basis is ``Q_i``'s columns instead of the unit vectors."""
     names: list[tuple[str, str | None]] = []
     for i, child in enumerate(module):
         if isinstance(child, nn.Linear):
@@ -260,7 +273,10 @@ def _structured_factors(module: nn.Sequential, params: dict[str, Tensor], x: Ten
     eps0 = [x.new_zeros(n, params[w].shape[0]) for w, _ in names]
     out, pull, acts = vjp(forward, eps0, has_aux=True)
     k = out.shape[1]
-    basis = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, n, k)
+    if Q is None:
+        basis = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, n, k)
+    else:
+        basis = Q.permute(2, 0, 1)  # column c of every Q_i: (k, n, k)
     (deltas,) = vmap(pull)(basis)  # per layer: (k, n, out_l)
     return _Structured(names, [a.detach() for a in acts], list(deltas))
 
@@ -319,6 +335,50 @@ def _spectral_weights(s: Tensor, damping: float | Tensor, rcond: float, power: i
 # -- the exact direction --------------------------------------------------------------------------
 
 
+class MetricMap(NamedTuple):
+    """What the metric ``A = ĴᵀĴ/n`` differentiates: ``Ĵ_i = Q_iᵀ J_{z,i}`` (:mod:`hcc.solvers.heads`).
+
+    For the ``l2`` geometry (and maps without a head) ``module`` is the map itself and ``Q`` is
+    ``None`` (``Ĵ = J``, through the head by autograd); otherwise ``module`` is the body and ``Q``
+    the output factor at the current point (held fixed: ``A`` is the metric *at* ``θ``).
+    """
+
+    module: nn.Module
+    head: Head
+    geometry: Geometry
+    Q: Tensor | None
+    #: the body's output at the current point (``None`` on the plain path)
+    z: Tensor | None
+
+    def outputs(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """``(n, k)`` outputs whose Jacobian at the current point is ``Ĵ``."""
+        out = _output(self.module, params, x)
+        return out if self.Q is None else apply_factor_t(self.Q, out)
+
+    def jacobian(self, params: dict[str, Tensor], x: Tensor, backend: str) -> Tensor:
+        """``Ĵ ∈ R^{nk × M}``, rows ordered (sample, output)."""
+        J = jacobian_matrix(self.module, params, x, backend)  # type: ignore[arg-type]
+        if self.Q is None:
+            return J
+        n, k = self.Q.shape[:2]
+        return torch.einsum("nkc,nkm->ncm", self.Q, J.reshape(n, k, -1)).reshape(n * k, -1)
+
+
+def metric_map(module: nn.Module, params: dict[str, Tensor], x: Tensor, geometry: Geometry = "l2") -> MetricMap:
+    """The :class:`MetricMap` of ``module`` at ``params`` on the support ``x`` in ``geometry``."""
+    check_geometry(geometry)
+    body, head = split_head(module)
+    if head == "none":
+        if geometry == "fisher":
+            output_factor(x.new_zeros(1, 1), head, "fisher")  # raises the explanatory error
+        return MetricMap(module, head, geometry, None, None)
+    if geometry == "l2":
+        return MetricMap(module, head, geometry, None, None)
+    with torch.no_grad():
+        z = _output(body, params, x)
+    return MetricMap(body, head, geometry, output_factor(z, head, geometry), z)
+
+
 def choose_method(module: nn.Module, n: int, k: int, n_params: int, backend: Backend = "func") -> str:
     """The ``auto`` rule: ``dense`` if ``nk > M``; else ``structured`` (supported MLPs, func
     backend); else ``kernel``."""
@@ -340,21 +400,24 @@ def exact_natural_direction(
     method: Method = "auto",
     backend: Backend = "func",
     rcond: float | None = None,
+    geometry: Geometry = "l2",
 ) -> dict[str, Tensor]:
     r"""One player's natural direction ``P_λ v`` (module docstring), exactly.
 
     Give either ``vec`` (any parameter-space vector, a dict like ``params``) or
-    ``residual`` ``g = ∂ℓ/∂F`` of shape ``(n, k)`` (or ``F``'s shape), meaning
-    ``v = Jᵀ g``; the latter is the accurate row-space form:
+    ``residual`` ``r̂`` of shape ``(n, k)``, meaning ``v = Ĵᵀ r̂``; the latter is the accurate
+    row-space form:
 
     .. math::
 
-        d = Jᵀ (JJᵀ/n + λI)^{+} g = (A + λI)^{-1} Jᵀ g .
+        d = Ĵᵀ (ĴĴᵀ/n + λI)^{+} r̂ = (A + λI)^{-1} Ĵᵀ r̂ .
 
+    In the ``l2`` geometry ``Ĵ = J`` and ``r̂ = g = ∂ℓ/∂F``; in the others ``Ĵ_i = Q_iᵀ J_{z,i}``
+    (:mod:`hcc.solvers.heads`; :func:`~hcc.solvers.heads.field_residual` turns ``g`` into ``r̂``).
     ``x`` is the player's support (``n`` points); ``rcond`` the relative eigenvalue
     cutoff (default :func:`default_rcond`).
     """
-    return _exact(module, params, x, vec, residual, damping, method, backend, rcond)
+    return _exact(module, params, x, vec, residual, damping, method, backend, rcond, geometry)
 
 
 def _exact(
@@ -367,12 +430,15 @@ def _exact(
     method: str,
     backend: str,
     rcond: float | None,
+    geometry: Geometry = "l2",
 ) -> dict[str, Tensor]:
     if (vec is None) == (residual is None):
         raise ValueError("exact_natural_direction: give exactly one of vec and residual")
     if method not in METHODS:
         raise OptionError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     _check_backend(backend)
+    mm = metric_map(module, params, x, geometry)
+    module = mm.module
     n = x.shape[0]
     n_params = sum(t.numel() for t in params.values())
     k = residual.reshape(n, -1).shape[1] if residual is not None else output_dim(module, params, x)
@@ -387,7 +453,7 @@ def _exact(
     dt = next(iter(params.values())).dtype
 
     if method == "dense":
-        J = jacobian_matrix(module, params, x, backend)
+        J = mm.jacobian(params, x, backend)
         A = J.T @ J / n
         s, U = torch.linalg.eigh(A)
         v = J.T @ g.reshape(-1) if g is not None else flatten(vec)  # type: ignore[arg-type]
@@ -395,12 +461,12 @@ def _exact(
         return unflatten(U @ (w * (U.T @ v)), params)
 
     if method == "structured":
-        fac = _structured_factors(module, params, x)  # type: ignore[arg-type]
+        fac = _structured_factors(module, params, x, mm.Q)  # type: ignore[arg-type]
         K = _structured_gram(fac) / n
         jvp_fn: Callable[[dict[str, Tensor]], Tensor] = lambda v: _structured_jvp(fac, v).reshape(-1)  # noqa: E731
         vjp_fn: Callable[[Tensor], dict[str, Tensor]] = lambda u: _structured_vjp(fac, u.reshape(n, k), params)  # noqa: E731
     else:
-        J = jacobian_matrix(module, params, x, backend)
+        J = mm.jacobian(params, x, backend)
         K = J @ J.T / n
         jvp_fn = lambda v: J @ flatten(v)  # noqa: E731
         vjp_fn = lambda u: unflatten(J.T @ u, params)  # noqa: E731
@@ -482,6 +548,7 @@ def cg_natural_direction(
     maxiter: int = 100,
     x0: Tensor | None = None,
     early_stop: bool = True,
+    geometry: Geometry = "l2",
 ) -> CGResult:
     r"""One player's natural direction by matrix-free CG on ``(A + λI) d = v``.
 
@@ -494,15 +561,16 @@ def cg_natural_direction(
     ``v = Jᵀg``; a general ``vec`` is first projected onto ``row(J)`` (least squares,
     CG on ``K g = Jv/n`` from 0) so the result is ``P_λ v`` as for the exact method.
     ``x0`` warm-starts the main solve (flat vector; from 0 the solution is the
-    minimum-norm one).
+    minimum-norm one). ``geometry`` and ``residual`` as for :func:`exact_natural_direction`.
     """
     if (vec is None) == (residual is None):
         raise ValueError("cg_natural_direction: give exactly one of vec and residual")
     n = x.shape[0]
     theta = flatten(params)
+    mm = metric_map(module, params, x, geometry)
 
     def f(t: Tensor) -> Tensor:
-        return _output(module, unflatten(t, params), x)
+        return mm.outputs(unflatten(t, params), x)
 
     # linearize once: the vjp caches the forward; J p is the vjp of the (linear) map u ↦ Jᵀu,
     # as fast per product as torch.func.linearize's jvp without its ~100 ms tracing
@@ -590,28 +658,54 @@ def _check_common(o: Any) -> None:
         raise OptionError(f"rcond: expected 0 ≤ rcond < 1 (or None), got {o.rcond}")
 
 
+_GEOMETRY_HELP = ("metric: l2 (A = JᵀJ/n on the values F: the flow's) | fisher (J_zᵀSJ_z: softmax/sigmoid "
+                  "heads; replicator dynamics) | logit (J_zᵀPJ_z on the centred pre-head values)")
+
+
 @dataclass
 class ExactOptions:
     method: Method = opt("auto", "kernel (sample space, J formed) | structured (MLP, no J) | dense (M×M) | auto")
     backend: Backend = opt("func", "per-sample Jacobians: func (vmap(jacrev)) | backpack (BatchGrad)")
     damping: float = opt(DEFAULT_DAMPING, _DAMPING_HELP)
     rcond: float | None = opt(None, "relative eigenvalue cutoff of the pseudo-inverse (None: 10·size·eps)")
+    geometry: Geometry = opt("l2", _GEOMETRY_HELP)
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise OptionError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
         _check_backend(self.backend)
         _check_common(self)
+        check_geometry(self.geometry)
+
+
+def head_coords(module: nn.Module, params: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Head]:
+    """``(z, head)``: the body's output on ``x`` (detached, ``(n, k)``) and the map's head."""
+    body, head = split_head(module)
+    with torch.no_grad():
+        return _output(body, params, x), head
 
 
 class _Natural(Preconditioner):
-    """Shared plumbing: per-player solves, the fused field path, the info record."""
+    """Shared plumbing: per-player solves, the fused field path, the pull-back, the info record.
+
+    :meth:`_solve` gets the residual ``r̂`` in the metric Jacobian's output space (or a general
+    ``vec``) and the damping ``λ`` added to ``A``.
+    """
 
     fused_direction = True
 
     def _solve(self, module: nn.Module, p: dict[str, Tensor], x: Tensor, vec: dict[str, Tensor] | None,
-               g: Tensor | None, state: Any, player: int) -> tuple[dict[str, Tensor], Any, dict[str, Any]]:
+               r: Tensor | None, state: Any, player: int, lam: float | Tensor
+               ) -> tuple[dict[str, Tensor], Any, dict[str, Any]]:
         raise NotImplementedError
+
+    def _residual(self, module: nn.Module, p: dict[str, Tensor], x: Tensor, g: Tensor) -> Tensor:
+        """``r̂`` of the function-space gradient ``g = ∂ℓ/∂F`` in this preconditioner's geometry."""
+        geometry = self.options.geometry
+        if geometry == "l2":
+            return g
+        z, head = head_coords(module, p, x)
+        return field_residual(z, g.reshape(z.shape), head, geometry)
 
     def _run(self, game: Game, params: Params, xs: tuple[Tensor, Tensor], vecs: Params | None,
              gs: tuple[Tensor, Tensor] | None, state: Any, players: tuple[int, ...]
@@ -621,8 +715,10 @@ class _Natural(Preconditioner):
         infos: list[dict[str, Any]] = []
         for pl in (0, 1):
             if pl in players:
+                r = None if gs is None else self._residual(maps[pl], params[pl], xs[pl], gs[pl])
+                lam = self.options.damping / xs[pl].shape[0]
                 d, state, info = self._solve(maps[pl], params[pl], xs[pl], None if vecs is None else vecs[pl],
-                                             None if gs is None else gs[pl], state, pl)
+                                             r, state, pl, lam)
                 infos.append(info)
             elif vecs is not None:
                 d = vecs[pl]
@@ -639,6 +735,19 @@ class _Natural(Preconditioner):
             return super().direction(game, params, batch, state, players)
         xs, gs = function_space_gradients(game, params, batch)
         return self._run(game, params, xs, None, gs, state, players)
+
+    def pullback(self, game, params, batch, targets, state, damping):  # noqa: D102
+        # exactly argmin ‖Ĵd − r̂‖² + μ‖d‖²: the residual form with r̂/n and λ = μ/n
+        maps, xs = game.maps(), game.supports(params, batch)
+        out, infos = [], []
+        for pl in (0, 1):
+            n = xs[pl].shape[0]
+            z, head = head_coords(maps[pl], params[pl], xs[pl])
+            r = target_residual(z, targets[pl].reshape(z.shape), head, self.options.geometry)
+            d, state, info = self._solve(maps[pl], params[pl], xs[pl], None, r / n, state, pl, damping[pl] / n)
+            out.append(d)
+            infos.append(info)
+        return (out[0], out[1]), state, _combine(infos)
 
 
 def _combine(infos: list[dict[str, Any]]) -> dict[str, Any]:
@@ -693,11 +802,10 @@ class Exact(_Natural):
     name = "exact"
     Options = ExactOptions
 
-    def _solve(self, module, p, x, vec, g, state, player):  # noqa: D102
+    def _solve(self, module, p, x, vec, r, state, player, lam):  # noqa: D102
         o = self.options
-        lam = o.damping / x.shape[0]
-        d = _exact(module, p, x, vec, g, lam, o.method, o.backend, o.rcond)
-        return d, state, {"damping": torch.tensor(lam)}
+        d = _exact(module, p, x, vec, r, lam, o.method, o.backend, o.rcond, o.geometry)
+        return d, state, {"damping": torch.as_tensor(lam)}
 
 
 @dataclass
@@ -707,9 +815,11 @@ class CGOptions:
     maxiter: int = opt(100, "iteration cap per solve")
     warm_start: bool = opt(True, "start from the previous solve's solution (else from 0: minimum norm)")
     early_stop: bool = opt(True, "stop at the tolerance (False: always maxiter masked iterations; vmappable)")
+    geometry: Geometry = opt("l2", _GEOMETRY_HELP)
 
     def validate(self) -> None:
         _check_common(self)
+        check_geometry(self.geometry)
         if not self.tol > 0:
             raise OptionError(f"tol: expected a positive number, got {self.tol}")
         if self.maxiter < 1:
@@ -737,15 +847,14 @@ class CG(_Natural):
     def init(self, game: Game, params: Params) -> dict[str, Any]:  # noqa: D102
         return {"x": tuple(torch.zeros_like(flatten(p)) for p in params)}
 
-    def _solve(self, module, p, x, vec, g, state, player):  # noqa: D102
+    def _solve(self, module, p, x, vec, r, state, player, lam):  # noqa: D102
         o = self.options
         x0 = state["x"][player] if o.warm_start else None
-        lam = o.damping / x.shape[0]
-        res = cg_natural_direction(module, p, x, vec, residual=g, damping=lam, tol=o.tol, maxiter=o.maxiter,
-                                   x0=x0, early_stop=o.early_stop)
+        res = cg_natural_direction(module, p, x, vec, residual=r, damping=lam, tol=o.tol, maxiter=o.maxiter,
+                                   x0=x0, early_stop=o.early_stop, geometry=o.geometry)
         xs = list(state["x"])
         xs[player] = res.solution.detach()
-        info = {"damping": torch.tensor(lam), "cg_iters": res.iterations,
+        info = {"damping": torch.as_tensor(lam), "cg_iters": res.iterations,
                 "cg_iters_total": res.iterations, "cg_residual": res.residual.detach()}
         return res.direction, {**state, "x": tuple(xs)}, info
 

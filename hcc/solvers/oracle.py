@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.func import vjp
 
 from ..games.base import Batch, Game, Params
+from .function_space import FunctionSpace
 from .tree import tree_map
 
 BOTH: tuple[int, ...] = (0, 1)
@@ -64,6 +66,12 @@ class Oracle:
     calls: int = 0
     #: optional fused ``params, players ↦ (P⁻¹ v(params), info)`` (the preconditioner's fast path)
     direction_fn: Callable[[Params, tuple[int, ...]], tuple[Params, dict[str, Any]]] | None = None
+    #: ``params, targets, damping ↦ (d, info)``: the preconditioner's pull-back of function-space targets
+    pullback_fn: Callable[[Params, tuple[Tensor, Tensor], tuple[float, float]], tuple[Params, dict[str, Any]]] | None \
+        = None
+    #: the geometry the pull-back works in (:attr:`Preconditioner.geometry`)
+    pullback_geometry: str = "logit"
+    _fs: Any = None
 
     def field(self, params: Params) -> Params:
         self.calls += 1
@@ -86,4 +94,20 @@ class Oracle:
     def hamiltonian_grad(self, params: Params) -> tuple[Params, Params]:
         self.calls += 1
         return hamiltonian_grad(self.game, self.game.project(params), self.batch)
+
+    def function_space(self) -> FunctionSpace:
+        """The game's function-space view on this batch (:class:`~hcc.solvers.function_space.FunctionSpace`)."""
+        if self._fs is None:
+            self._fs = FunctionSpace(self.game, self.batch)
+        return self._fs
+
+    def pullback(self, params: Params, targets: tuple[Tensor, Tensor], damping: tuple[float, float]) -> Params:
+        """Parameter steps towards the pre-head coordinates ``targets`` (Levenberg-Marquardt ``damping``
+        per player) through the preconditioner (:meth:`Preconditioner.pullback`)."""
+        if self.pullback_fn is None:
+            raise RuntimeError("this oracle has no pull-back")
+        self.calls += 1
+        d, info = self.pullback_fn(self.game.project(params), targets, damping)
+        self.infos.append(info)
+        return d
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from torch import Tensor
+
 from ..games.base import Batch, Game, Params
 from ..registry import Registry
 from .oracle import vector_field
@@ -48,6 +50,33 @@ class Preconditioner:
     ) -> tuple[Params, Any, dict[str, Any]]:
         """The preconditioned field ``P⁻¹ v(params)``; by default ``apply`` on :func:`vector_field`."""
         return self.apply(game, params, batch, vector_field(game, params, batch), state, players)
+
+    @property
+    def geometry(self) -> str:
+        """The metric this preconditioner approximates (``l2``, ``fisher``, ``logit``)."""
+        return getattr(self.options, "geometry", "logit")
+
+    def pullback(
+        self, game: Game, params: Params, batch: Batch, targets: tuple[Tensor, Tensor], state: Any,
+        damping: tuple[float, float],
+    ) -> tuple[Params, Any, dict[str, Any]]:
+        r"""Parameter steps that move both maps towards target pre-head coordinates ``z⁺``.
+
+        Per player, the Levenberg-Marquardt step of the least-squares problem
+
+        .. math::
+
+            d = \arg\min_d \; ‖Ĵ d − r̂‖² + μ ‖d‖², \qquad r̂ = \text{target\_residual}(z, z⁺),
+
+        in this preconditioner's :attr:`geometry` (:mod:`hcc.solvers.heads`), ``μ = damping[p]``
+        (added to the summed Gram ``ĴᵀĴ``). This generic version applies the preconditioner to the
+        gradient ``v = Ĵᵀr̂/n`` of that least-squares loss and fits the step length along the result
+        exactly (one Jacobian-vector product): ``α = ⟨d, v⟩ / (‖Ĵd‖²/n + μ‖d‖²/n)``. The exact
+        and CG preconditioners solve the problem directly.
+        """
+        from .pullback import generic_pullback
+
+        return generic_pullback(self, game, params, batch, targets, state, damping)
 
 
 @dataclass

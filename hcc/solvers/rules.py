@@ -28,9 +28,15 @@ class Rule:
 
     name: ClassVar[str] = "rule"
     Options: ClassVar[type]
+    #: whether a default step size is multiplied by :attr:`Game.lr_scale` (False for rules whose
+    #: ``lr`` is not a step along the game's field, e.g. the Gauss-Newton fraction of ``prox``)
+    lr_scales_with_game: ClassVar[bool] = True
 
     def __init__(self, options: Any) -> None:
         self.options = options
+
+    def check_game(self, game: Any) -> None:
+        """Raise :class:`~hcc.registry.OptionError` if the rule cannot run on ``game`` (before any work)."""
 
     def init(self, params: Params) -> dict[str, Any]:
         return {}
