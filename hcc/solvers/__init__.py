@@ -43,6 +43,7 @@ class Solver:
     def __init__(self, name: str, rule: Rule, precond: Preconditioner, lr: float) -> None:
         check_positive("lr (step size)", lr)
         self.name, self.rule, self.precond, self.lr = name, rule, precond, float(lr)
+        precond.step_size = self.lr
 
     def init(self, game: Game, params: Params) -> dict[str, Any]:
         self.rule.check_game(game)
@@ -190,7 +191,8 @@ def compose_solver(
     defaults are the dataclasses', not a named solver's). With ``lr=None`` the step
     size is borrowed from a registered solver with the same rule and preconditioner
     (one without rule defaults first), else from one with the same rule and the
-    identity preconditioner; if neither exists an error asks for ``lr``.
+    identity preconditioner (or any preconditioner, for a rule whose step does not scale
+    with the game, like ``prox``); if none exists an error asks for ``lr``.
 
     >>> from hcc.solvers import compose_solver
     >>> solver = compose_solver("ogda", "exact", "rps")
@@ -202,6 +204,8 @@ def compose_solver(
         specs.sort(key=lambda s: bool(s.rule_defaults))
         if not specs:
             specs = [s for s in SOLVERS.values() if s.rule == rule and s.precond == "identity" and not s.rule_defaults]
+        if not specs and not RULES[rule].lr_scales_with_game:  # a step that does not depend on the geometry
+            specs = [s for s in SOLVERS.values() if s.rule == rule and not s.rule_defaults]
         if not specs:
             raise OptionError(f"no default step size for rule {rule!r} with precond {precond!r}; pass lr")
         lr = specs[0].default_lr(game_name) * _lr_scale(game, rule)
@@ -268,7 +272,7 @@ _NATURAL_EG = {
 for _name, _spec in _NATURAL_EG.items():
     register_solver(_name, _spec)
 
-from . import prox as _prox  # noqa: E402  (registers the prox rule)
+from . import hidden, prox  # noqa: E402,F401  (register the prox rule, the surrogate and phgd preconditioners)
 
 #: the pull-back geometry of the named proximal solvers: Gauss-Newton on the centred logits
 PROX_PULLBACK = {"geometry": "logit"}
@@ -283,6 +287,20 @@ _NATURAL = {
         summary="natural proximal point, pull-back by conjugate gradients"),
 }
 for _name, _spec in _NATURAL.items():
+    register_solver(_name, _spec)
+
+# The published methods for hidden games (hcc.solvers.hidden), one default step each: the surrogate-loss
+# method with extragradient outside (target step τ = the step size) and preconditioned hidden gradient
+# descent, simultaneous as published.
+_HIDDEN = {
+    "eg+surrogate": SolverSpec(
+        "eg", precond="surrogate", precond_defaults={"geometry": "fisher"}, lr={"*": 1.0},
+        summary="surrogate losses (D'Orazio et al. 2025): function-space EG target (Fisher), 5 inner GD steps"),
+    "gda+phgd": SolverSpec(
+        "gda", precond="phgd", lr={"*": 0.05},
+        summary="preconditioned hidden gradient descent (Sakos et al. 2023), simultaneous, (JᵀJ)⁺"),
+}
+for _name, _spec in _HIDDEN.items():
     register_solver(_name, _spec)
 
 __all__ = [

@@ -760,6 +760,7 @@ class _CommonOptions:
         f"and n·k ≤ {AUTO_COSINE_MAX_VALUES})"
     )
     backend: Backend = opt("auto", "BackPACK where it applies (auto), always (backpack), or autograd hooks (torch)")
+    pullback_steps: int = opt(1, "preconditioned Gauss-Newton steps per pull-back of a function-space target (prox)")
     mc_samples: int = opt(1, "Monte-Carlo samples per point for the sampled estimators")
     seed: int = opt(0, "seed of the Monte-Carlo draws")
 
@@ -774,6 +775,8 @@ class _CommonOptions:
             raise OptionError(f"refresh: expected a positive integer, got {self.refresh}")
         if self.mc_samples < 1:
             raise OptionError(f"mc_samples: expected a positive integer, got {self.mc_samples}")
+        if self.pullback_steps < 1:
+            raise OptionError(f"pullback_steps: expected a positive integer, got {self.pullback_steps}")
         check_geometry(self.geometry)
         for k, valid in (("damping_scale", ("relative", "absolute")),
                          ("rescale", ("player", "block", "none")),

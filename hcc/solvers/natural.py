@@ -349,6 +349,8 @@ class MetricMap(NamedTuple):
     Q: Tensor | None
     #: the body's output at the current point (``None`` on the plain path)
     z: Tensor | None
+    #: the support the metric averages over
+    x: Tensor
 
     def outputs(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """``(n, k)`` outputs whose Jacobian at the current point is ``Ĵ``."""
@@ -371,12 +373,12 @@ def metric_map(module: nn.Module, params: dict[str, Tensor], x: Tensor, geometry
     if head == "none":
         if geometry == "fisher":
             output_factor(x.new_zeros(1, 1), head, "fisher")  # raises the explanatory error
-        return MetricMap(module, head, geometry, None, None)
+        return MetricMap(module, head, geometry, None, None, x)
     if geometry == "l2":
-        return MetricMap(module, head, geometry, None, None)
+        return MetricMap(module, head, geometry, None, None, x)
     with torch.no_grad():
         z = _output(body, params, x)
-    return MetricMap(body, head, geometry, output_factor(z, head, geometry), z)
+    return MetricMap(body, head, geometry, output_factor(z, head, geometry), z, x)
 
 
 def choose_method(module: nn.Module, n: int, k: int, n_params: int, backend: Backend = "func") -> str:

@@ -36,6 +36,9 @@ class Preconditioner:
 
     def __init__(self, options: Any) -> None:
         self.options = options
+        #: the solver's step size (set by :class:`~hcc.solvers.Solver`; a preconditioner whose output depends
+        #: on the step it will be taken with — the surrogate method's target — reads it)
+        self.step_size: float | None = None
 
     def init(self, game: Game, params: Params) -> Any:
         return {}
@@ -76,7 +79,8 @@ class Preconditioner:
         """
         from .pullback import generic_pullback
 
-        return generic_pullback(self, game, params, batch, targets, state, damping)
+        return generic_pullback(self, game, params, batch, targets, state, damping,
+                                getattr(self.options, "pullback_steps", 1))
 
 
 @dataclass

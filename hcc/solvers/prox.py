@@ -63,8 +63,8 @@ from torch import Tensor
 
 from ..games.base import Params
 from ..registry import OptionError, opt
-from .heads import Head, center, clip_logits, default_logit_range, link, link_jacobian, target_error, value_change
 from .function_space import has_function_space
+from .heads import Head, center, clip_logits, default_logit_range, link, link_jacobian, target_error, value_change
 from .oracle import Oracle
 from .rules import RULES, Rule
 from .tree import axpy
@@ -117,6 +117,12 @@ def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tup
                     iters: int = 50, tol: float | None = None, hessian: Tensor | None = None) -> ProxSolve:
     r"""Solve ``z⁺ = z − ηCv(h(z⁺))`` for both players by Newton's method (module docstring).
 
+    Newton's method on ``R(w) = w − z + ηCv(h(w))`` with backtracking on ``‖R‖``, from the better of ``z``
+    and ``start``. Where it stalls (far from the solution, a saturated head makes the linearization
+    useless for a large η) it continues in η: the solution for ``η/10`` (solved the same way, down to
+    a contraction) starts the solve for η; the solution path ``η ↦ z⁺(η)`` is smooth. ``iters`` caps
+    the Newton iterations of all stages together.
+
     ``H = ∂v/∂(F, G)`` is computed where it is needed and reused while it predicts the field:
     after each Newton step the change of ``v`` is compared with ``H·ΔF``, and ``H`` is recomputed at
     the new point when they differ by more than ``10⁻⁶`` relative (a quadratic ``L``, e.g. every
@@ -127,59 +133,83 @@ def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tup
     nF = z[0].numel()
     z0 = torch.cat([z[0].reshape(-1), z[1].reshape(-1)])
     dt = z0.dtype
-    if tol is None:
-        tol = 1e4 * torch.finfo(dt).eps
+    tol = 1e4 * torch.finfo(dt).eps if tol is None else tol
+    eye = torch.eye(z0.numel(), dtype=dt, device=z0.device)
+    blocks = [(torch.eye(k, dtype=dt, device=z0.device) - 1.0 / k) if h == "softmax"
+              else torch.eye(k, dtype=dt, device=z0.device) for h, (_, k) in zip(heads, shapes, strict=True)]
+    C = torch.block_diag(*([blocks[0]] * shapes[0][0] + [blocks[1]] * shapes[1][0]))
+    budget = [iters]
+    H_cell: list[Tensor | None] = [hessian if hessian is not None and hessian.shape == eye.shape else None]
 
     def split(w: Tensor) -> tuple[Tensor, Tensor]:
         return w[:nF].reshape(shapes[0]), w[nF:].reshape(shapes[1])
 
-    def residual(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def field(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(v, Cv, F|G)`` at coordinates ``w``."""
         a, b = split(w)
-        F, G = link(a, heads[0]), link(b, heads[1])
-        vF, vG = fs.field(F, G)
+        FG = (link(a, heads[0]), link(b, heads[1]))
+        vF, vG = fs.field(*FG)
         v = torch.cat([vF.reshape(-1), vG.reshape(-1)])
         Cv = torch.cat([center(vF, heads[0]).reshape(-1), center(vG, heads[1]).reshape(-1)])
-        return w - z0 + eta * Cv, F, G, v
+        return v, Cv, torch.cat([FG[0].reshape(-1), FG[1].reshape(-1)])
+
+    def rel(R: Tensor, Cv: Tensor, e: float) -> float:
+        return float(R.norm()) / (1.0 + float(z0.norm()) + e * float(Cv.norm()))
+
+    def newton(e: float, w: Tensor) -> tuple[Tensor, float, int]:
+        """Newton stages for one η: (solution, relative residual, iterations)."""
+        v, Cv, FG = field(w)
+        R = w - z0 + e * Cv
+        n_it = 0
+        while rel(R, Cv, e) > tol and budget[0] > 0:
+            budget[0] -= 1
+            n_it += 1
+            a, b = split(w)
+            D = torch.block_diag(_block_diag(link_jacobian(a, heads[0])), _block_diag(link_jacobian(b, heads[1])))
+            if H_cell[0] is None:
+                H_cell[0] = fs.field_jacobian(*split(FG))
+            H = H_cell[0]
+            step = torch.linalg.solve(eye + e * (C @ H @ D), -R)
+            s, rn = 1.0, R.norm()
+            while True:
+                w_try = w + s * step
+                v_try, Cv_try, FG_try = field(w_try)
+                R_try = w_try - z0 + e * Cv_try
+                if bool(R_try.norm() < (1 - 1e-4 * s) * rn) or s < 2.0**-8:
+                    break
+                s /= 2
+            if not bool(R_try.norm() < rn):
+                break  # no progress along the Newton direction
+            if float((v_try - v - H @ (FG_try - FG)).norm()) > 1e-6 * float((v_try - v).norm()) + float(
+                    torch.finfo(dt).eps):
+                H_cell[0] = None  # the field is not quadratic here: a new Jacobian at the next iterate
+            w, v, Cv, FG, R = w_try, v_try, Cv_try, FG_try, R_try
+        return w, rel(R, Cv, e), n_it
 
     w = z0
-    R, F, G, v = residual(w)
-    if start is not None and all(s.shape == t.shape for s, t in zip(start, z, strict=True)):
+    if start is not None and all(a.shape == b.shape for a, b in zip(start, z, strict=True)):
         ws = torch.cat([start[0].reshape(-1), start[1].reshape(-1)])
         if bool(torch.isfinite(ws).all()):
-            Rs, Fs, Gs, vs = residual(ws)
-            if Rs.norm() < R.norm():
-                w, R, F, G, v = ws, Rs, Fs, Gs, vs
-    H = hessian if hessian is not None and hessian.shape == (w.numel(), w.numel()) else None
-    eye = torch.eye(w.numel(), dtype=dt, device=w.device)
-    center_blocks = [(torch.eye(k, dtype=dt, device=w.device) - 1.0 / k) if h == "softmax"
-                     else torch.eye(k, dtype=dt, device=w.device) for h, (_, k) in zip(heads, shapes, strict=True)]
-    C = torch.block_diag(*([center_blocks[0]] * shapes[0][0] + [center_blocks[1]] * shapes[1][0]))
-    it = 0
-    for it in range(1, iters + 1):  # noqa: B007
-        scale = 1.0 + float(z0.norm()) + float((R - w + z0).norm())
-        if float(R.norm()) <= tol * scale:
-            it -= 1
-            break
-        a, b = split(w)
-        D = torch.block_diag(_block_diag(link_jacobian(a, heads[0])), _block_diag(link_jacobian(b, heads[1])))
-        if H is None:
-            H = fs.field_jacobian(F, G)
-        step = torch.linalg.solve(eye + eta * (C @ H @ D), -R)
-        s, rn = 1.0, R.norm()
-        while True:
-            w_try = w + s * step
-            R_try, F_try, G_try, v_try = residual(w_try)
-            if bool(R_try.norm() < (1 - 1e-4 * s) * rn) or s < 2.0**-12:
+            _, Cv0, _ = field(z0)
+            _, Cvs, _ = field(ws)
+            if (ws - z0 + eta * Cvs).norm() < eta * Cv0.norm():
+                w = ws
+    w_sol, res, n_total = newton(eta, w)
+    if res > tol:  # continuation: from a small η (a contraction there) up to η, each stage starting the next
+        e_lo = eta
+        _, Cv0, _ = field(z0)
+        while e_lo * float(Cv0.norm()) > 1e-2 * (1.0 + float(z0.norm())) and e_lo > eta * 1e-8:
+            e_lo /= 10
+        w_stage, e = z0, e_lo
+        while budget[0] > 0:
+            w_stage, res_stage, it = newton(e, w_stage)
+            n_total += it
+            if e >= eta:
+                if res_stage < res:
+                    w_sol, res = w_stage, res_stage
                 break
-            s /= 2
-        if not bool(R_try.norm() < rn):  # no progress along the Newton direction: keep the best point
-            break
-        dF = torch.cat([(F_try - F).reshape(-1), (G_try - G).reshape(-1)])
-        if float((v_try - v - H @ dF).norm()) > 1e-6 * float((v_try - v).norm()) + torch.finfo(dt).eps:
-            H = None  # the field is not quadratic here: a new Jacobian at the next iterate
-        w, R, F, G, v = w_try, R_try, F_try, G_try, v_try
-    scale = 1.0 + float(z0.norm()) + float((R - w + z0).norm())
-    return ProxSolve(split(w), it, float(R.norm()) / scale, H)
+            e = min(10 * e, eta)
+    return ProxSolve(split(w_sol), n_total, res, H_cell[0])
 
 
 class Prox(Rule):
