@@ -107,6 +107,8 @@ class ProxSolve:
     residual: float
     #: the field Jacobian last used (``None`` if it stopped predicting the field), for the next solve
     hessian: Tensor | None = None
+    #: whether the field was found affine in the values (evaluated by ``hessian`` in the next solve)
+    affine: bool = False
 
 
 def _block_diag(blocks: Tensor) -> Tensor:
@@ -114,7 +116,8 @@ def _block_diag(blocks: Tensor) -> Tensor:
 
 
 def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tuple[Tensor, Tensor] | None = None,
-                    iters: int = 50, tol: float | None = None, hessian: Tensor | None = None) -> ProxSolve:
+                    iters: int = 50, tol: float | None = None, hessian: Tensor | None = None,
+                    affine: bool = False) -> ProxSolve:
     r"""Solve ``z⁺ = z − ηCv(h(z⁺))`` for both players by Newton's method (module docstring).
 
     Newton's method on ``R(w) = w − z + ηCv(h(w))`` with backtracking on ``‖R‖``, from the better of ``z``
@@ -125,8 +128,11 @@ def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tup
 
     ``H = ∂v/∂(F, G)`` is computed where it is needed and reused while it predicts the field:
     after each Newton step the change of ``v`` is compared with ``H·ΔF``, and ``H`` is recomputed at
-    the new point when they differ by more than ``10⁻⁶`` relative (a quadratic ``L``, e.g. every
-    matrix game, has a constant ``H``, computed once per run when passed back as ``hessian``).
+    the new point when they differ by more than ``10⁻⁶`` relative. When they agree to ``10⁻⁹`` the field
+    is affine in the values (a quadratic ``L``: every matrix game) and, with ``affine``, the solve
+    evaluates it as ``v₀ + H·(F − F₀)`` — one matrix product instead of a backward pass — checking the
+    solution with one true evaluation. ``hessian`` and ``affine`` come back in :class:`ProxSolve` for the
+    next solve.
     """
     heads: tuple[Head, Head] = fs.heads
     shapes = (z[0].shape, z[1].shape)
@@ -140,28 +146,47 @@ def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tup
     C = torch.block_diag(*([blocks[0]] * shapes[0][0] + [blocks[1]] * shapes[1][0]))
     budget = [iters]
     H_cell: list[Tensor | None] = [hessian if hessian is not None and hessian.shape == eye.shape else None]
+    model: list[tuple[Tensor, Tensor] | None] = [None]  # (values, field) anchor of the affine model
+    affine_cell = [affine and H_cell[0] is not None]
 
     def split(w: Tensor) -> tuple[Tensor, Tensor]:
         return w[:nF].reshape(shapes[0]), w[nF:].reshape(shapes[1])
 
-    def field(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(v, Cv, F|G)`` at coordinates ``w``."""
+    def values(w: Tensor) -> Tensor:
         a, b = split(w)
-        FG = (link(a, heads[0]), link(b, heads[1]))
-        vF, vG = fs.field(*FG)
-        v = torch.cat([vF.reshape(-1), vG.reshape(-1)])
+        return torch.cat([link(a, heads[0]).reshape(-1), link(b, heads[1]).reshape(-1)])
+
+    def field(w: Tensor, true: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """``(v, Cv, F|G)`` at coordinates ``w``."""
+        FG = values(w)
+        if affine_cell[0] and model[0] is not None and not true:
+            v = model[0][1] + H_cell[0] @ (FG - model[0][0])  # type: ignore[operator]
+        else:
+            vF, vG = fs.field(*split(FG))
+            v = torch.cat([vF.reshape(-1), vG.reshape(-1)])
+            model[0] = (FG, v)
+        vF, vG = split(v)
         Cv = torch.cat([center(vF, heads[0]).reshape(-1), center(vG, heads[1]).reshape(-1)])
-        return v, Cv, torch.cat([FG[0].reshape(-1), FG[1].reshape(-1)])
+        return v, Cv, FG
 
     def rel(R: Tensor, Cv: Tensor, e: float) -> float:
         return float(R.norm()) / (1.0 + float(z0.norm()) + e * float(Cv.norm()))
 
     def newton(e: float, w: Tensor) -> tuple[Tensor, float, int]:
-        """Newton stages for one η: (solution, relative residual, iterations)."""
+        """Newton iterations for one η: (solution, relative residual, iterations)."""
         v, Cv, FG = field(w)
         R = w - z0 + e * Cv
         n_it = 0
-        while rel(R, Cv, e) > tol and budget[0] > 0:
+        while budget[0] > 0:
+            if rel(R, Cv, e) <= tol:
+                if not affine_cell[0]:
+                    break
+                v_true, Cv_true, _ = field(w, true=True)  # check the affine model once at the solution
+                if float((v_true - v).norm()) <= 1e-9 * (1.0 + float(v_true.norm())):
+                    break
+                affine_cell[0], H_cell[0] = False, None
+                v, Cv, R = v_true, Cv_true, w - z0 + e * Cv_true
+                continue
             budget[0] -= 1
             n_it += 1
             a, b = split(w)
@@ -180,9 +205,13 @@ def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tup
                 s /= 2
             if not bool(R_try.norm() < rn):
                 break  # no progress along the Newton direction
-            if float((v_try - v - H @ (FG_try - FG)).norm()) > 1e-6 * float((v_try - v).norm()) + float(
-                    torch.finfo(dt).eps):
-                H_cell[0] = None  # the field is not quadratic here: a new Jacobian at the next iterate
+            if not affine_cell[0]:
+                err = float((v_try - v - H @ (FG_try - FG)).norm())
+                scale = float((v_try - v).norm()) + float(torch.finfo(dt).eps)
+                if err > 1e-6 * scale:
+                    H_cell[0] = None  # the field is not quadratic here: a new Jacobian at the next iterate
+                elif err <= 1e-9 * scale and float((FG_try - FG).norm()) > 1e-6:
+                    affine_cell[0] = True  # an affine field: evaluate it by H from now on
             w, v, Cv, FG, R = w_try, v_try, Cv_try, FG_try, R_try
         return w, rel(R, Cv, e), n_it
 
@@ -209,7 +238,7 @@ def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tup
                     w_sol, res = w_stage, res_stage
                 break
             e = min(10 * e, eta)
-    return ProxSolve(split(w_sol), n_total, res, H_cell[0])
+    return ProxSolve(split(w_sol), n_total, res, H_cell[0], affine_cell[0])
 
 
 class Prox(Rule):
@@ -233,14 +262,15 @@ class Prox(Rule):
 
     def init(self, params: Params) -> dict[str, Any]:
         m = self.options.mu
-        return {"mu": (m, m), "target": None, "hessian": None}
+        return {"mu": (m, m), "target": None, "hessian": None, "affine": False}
 
     def step(self, oracle: Oracle, params: Params, state: dict[str, Any], lr: float) -> tuple[Params, dict, dict]:
         o = self.options
         fs = oracle.function_space()
         z = fs.coords(params)
         sol = proximal_target(fs, z, o.eta, start=state["target"] if o.warm_start else None,
-                              iters=o.newton_iters, tol=o.newton_tol, hessian=state.get("hessian"))
+                              iters=o.newton_iters, tol=o.newton_tol, hessian=state.get("hessian"),
+                              affine=bool(state.get("affine", False)))
         zeta = o.logit_range if o.logit_range is not None else default_logit_range(z[0].dtype)
         target = tuple(clip_logits(t, h, zeta) for t, h in zip(sol.target, fs.heads, strict=True))
         mu = state["mu"]
@@ -270,7 +300,8 @@ class Prox(Rule):
             new_mu.append(m)
             info[f"mu_{tag}"], info[f"rho_{tag}"] = m, rho
         info["rejected_total"] = rejected
-        return (out[0], out[1]), {"mu": tuple(new_mu), "target": target, "hessian": sol.hessian}, info
+        new_state = {"mu": tuple(new_mu), "target": target, "hessian": sol.hessian, "affine": sol.affine}
+        return (out[0], out[1]), new_state, info
 
 
 RULES.register(Prox.name, Prox)
