@@ -29,6 +29,16 @@ def lyapunov(game: Game, params: Params, batch: Batch) -> float | None:
     return None if V is None else float(V)
 
 
+def progress_value(game: Game, params: Params, batch: Batch) -> float | None:
+    """The metric named by :attr:`Game.progress_metric <hcc.games.base.Game.progress_metric>` at
+    ``params`` (``V`` or the duality gap), or ``None`` if the game cannot compute it."""
+    if game.progress_metric == "lyapunov":
+        return lyapunov(game, params, batch)
+    with torch.no_grad():
+        gap = game.duality_gap(*game.strategies(params, batch), batch)
+    return None if gap is None else float(gap)
+
+
 def evaluate(game: Game, params: Params, batch: Batch, *, field: bool = True) -> dict[str, float]:
     """Every metric the game supports at ``params`` (one forward, one backward)."""
     out: dict[str, float] = {}
