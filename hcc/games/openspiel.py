@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -72,6 +73,8 @@ from .base import Batch, Game, Params, seeded
 from .maps import ACTIVATIONS, masked_policy
 from .sequence_form import RealizationMap, Treeplex, TreeplexIndex, realization_inputs, solve_lp
 
+#: the game the registry's default steps for ``openspiel`` were tuned on (see :attr:`OpenSpielGame.lr_scale`)
+REFERENCE_GAME = "kuhn_poker"
 INSTALL_HINT = "pip install 'hcc[openspiel]' (or pip install open-spiel)"
 
 
@@ -143,6 +146,16 @@ class SequenceForm:
     rows: tuple[np.ndarray, np.ndarray]
     #: a uniform ``TabularPolicy`` (copied, never changed)
     template: Any
+
+    @functools.cached_property
+    def speed(self) -> float:
+        r"""``√(n_0 n_1)·‖A‖₂``: the rotation speed of the natural flow in function space.
+
+        With the metric ``A = (1/n)ΣJᵢᵀJᵢ`` (a mean over the ``n`` information sets) the natural
+        flow moves ``F`` by ``n·∂L/∂F``, so for the bilinear ``L`` its speed is ``n‖A‖₂`` (one ``n``
+        per player: the geometric mean)."""
+        n0, n1 = (tp.n_infosets for tp in self.treeplexes)
+        return math.sqrt(n0 * n1) * float(np.linalg.norm(self.payoff, 2))
 
     def tabular_policy(self, behaviours: tuple[np.ndarray, np.ndarray]) -> Any:
         """An OpenSpiel ``TabularPolicy`` playing ``behaviours[p]`` (``(n_infosets_p, K)``) for player ``p``."""
@@ -226,7 +239,7 @@ class OpenSpielGame(Game):
     name = "openspiel"
     Options = OpenSpielOptions
     progress_metric = "exploitability"
-    default_steps = 1000
+    default_steps = 5000
 
     def __init__(self, options: OpenSpielOptions, seed: int = 0) -> None:
         super().__init__(options, seed)
@@ -306,6 +319,13 @@ class OpenSpielGame(Game):
         with torch.no_grad():
             b = self.behaviours(params)
         return self.sf.referee((b[0].double().cpu().numpy(), b[1].double().cpu().numpy()))
+
+    @property
+    def lr_scale(self) -> float:
+        """``speed(Kuhn poker) / speed(this game)`` (:attr:`SequenceForm.speed`): the registry's steps
+        for ``openspiel`` were tuned on Kuhn poker; Leduc poker (468 information sets a player
+        against 6) gets steps about 60 times smaller."""
+        return sequence_form(REFERENCE_GAME).speed / max(self.sf.speed, 1e-12)
 
     # -- reference -----------------------------------------------------------------------------------
     def lp(self) -> tuple[float, np.ndarray, np.ndarray]:
