@@ -22,7 +22,7 @@ Timings on a shared machine are noisy; the rows of one table come from one run.
 Usage::
 
     python benchmarks/openspiel.py                      # Kuhn and Leduc, default solvers
-    python benchmarks/openspiel.py --games kuhn_poker --hcc kfac-natgrad@0.1 eg
+    python benchmarks/openspiel.py --games kuhn_poker --hcc kfac-natgrad@0.1 eg:strategy=realization
     python benchmarks/openspiel.py --quick              # smoke run: short budgets
 """
 
@@ -47,9 +47,11 @@ from hcc.run import Result
 
 #: exploitability targets (OpenSpiel's definition) of the issue, per game
 TARGETS = {"kuhn_poker": 1e-4, "leduc_poker": 1e-2}
-#: hcc solvers run by default, ``name@lr`` (the lr measured best on the game; no lr: the solver's default)
-DEFAULT_HCC = {"kuhn_poker": ["kfac-natgrad@0.1", "exact-natgrad", "eg", "adam"],
-               "leduc_poker": ["kfac-natgrad@0.1", "eg", "adam"]}
+#: hcc solvers run by default, ``NAME[@LR][:game options]`` (no LR: the registry's step × the game's lr_scale)
+DEFAULT_HCC = {
+    "kuhn_poker": ["kfac-natgrad", "kfac-natgrad:strategy=realization", "exact-natgrad", "eg", "adam@0.01"],
+    "leduc_poker": ["kfac-natgrad", "kfac-natgrad:strategy=realization", "adam@0.001"],
+}
 METRIC = "openspiel_exploitability"
 
 
@@ -134,11 +136,14 @@ def run_lp(name: str) -> list[tuple[str, float | None, float | None, str]]:
 
 def run_hcc(name: str, spec: str, steps: int, log_every: int, target: float, game_opts: dict[str, Any],
             solver_opts: dict[str, Any], budget_s: float) -> Trace:
-    """One hcc solver (``name@lr``) on the game, OpenSpiel's exploitability at every logged step."""
-    solver, _, lr = spec.partition("@")
-    game = hcc.make_game("openspiel", {"name": name, **game_opts}).double()
+    """One hcc solver (``NAME[@LR][:KEY=VALUE,…]``, the pairs are game options) on the game,
+    OpenSpiel's exploitability at every logged step."""
+    head, _, extra = spec.partition(":")
+    solver, _, lr = head.partition("@")
+    own = parse_key_values([kv for kv in extra.split(",") if kv])
+    game = hcc.make_game("openspiel", {"name": name, **game_opts, **own}).double()
     s = hcc.make_solver(solver, game, lr=float(lr) if lr else None, options=solver_opts)
-    trace = Trace(f"{solver} (lr = {s.lr:g})")
+    trace = Trace(f"{solver} (lr = {s.lr:.3g}{''.join(f', {v}' for v in own.values())})")
 
     def record(step: int, row: dict[str, float]) -> None:  # every logged step after the first
         if METRIC in row:
@@ -191,19 +196,20 @@ def figure(results: dict[str, tuple[float, list[Trace]]]) -> Figure:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--games", nargs="+", default=list(TARGETS), help="OpenSpiel game names  [kuhn_poker leduc_poker]")
-    ap.add_argument("--hcc", nargs="*", default=None, help="hcc solvers as NAME[@LR]  [per game: DEFAULT_HCC]")
+    ap.add_argument("--hcc", nargs="*", default=None,
+                    help="hcc solvers as NAME[@LR][:KEY=VALUE,…] (game options)  [per game: DEFAULT_HCC]")
     ap.add_argument("-g", "--game-opt", action="append", default=[], help="openspiel game option KEY=VALUE")
     ap.add_argument("-S", "--solver-opt", action="append", default=[], help="solver option KEY=VALUE")
-    ap.add_argument("--steps", type=int, default=5000, help="max hcc steps  [5000]")
+    ap.add_argument("--steps", type=int, default=None, help="max hcc steps  [kuhn 5000, others 2000]")
     ap.add_argument("--log-every", type=int, default=None, help="hcc log interval  [kuhn 10, others 25]")
     ap.add_argument("--budget", type=float, default=600.0, help="seconds per method and game  [600]")
     ap.add_argument("--cfr-iters", type=int, default=100_000, help="max CFR+ iterations  [100000]")
     ap.add_argument("--python-cfr", action="store_true", help="also run OpenSpiel's Python CFR+")
     ap.add_argument("--out", type=Path, default=Path("docs/openspiel"), help="output folder  [docs/openspiel]")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 200 hcc steps, 20 s budgets")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 100 hcc steps, 20 s budgets")
     a = ap.parse_args(argv)
     if a.quick:
-        a.steps, a.budget, a.cfr_iters = 200, 20.0, 2000
+        a.steps, a.budget, a.cfr_iters = 100, 20.0, 2000
     torch.set_num_threads(1)
     game_opts, solver_opts = parse_key_values(a.game_opt), parse_key_values(a.solver_opt)
     results: dict[str, tuple[float, list[Trace]]] = {}
@@ -211,11 +217,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in a.games:
         target = TARGETS.get(name, 1e-3)
         log_every = a.log_every or (10 if name == "kuhn_poker" else 25)
+        steps = a.steps or (5000 if name == "kuhn_poker" else 2000)
         traces = [run_cfr(name, target, a.cfr_iters, a.budget, python=False)]
         if a.python_cfr:
             traces.append(run_cfr(name, target, a.cfr_iters, a.budget, python=True))
         for spec in a.hcc if a.hcc is not None else DEFAULT_HCC.get(name, ["eg"]):
-            traces.append(run_hcc(name, spec, a.steps, log_every, target, game_opts, solver_opts, a.budget))
+            traces.append(run_hcc(name, spec, steps, log_every, target, game_opts, solver_opts, a.budget))
             print(f"  {name}: {traces[-1].label} done ({traces[-1].seconds[-1]:.0f} s)", flush=True)
         texts.append(table(name, target, traces, run_lp(name)))
         print("\n" + texts[-1] + "\n", flush=True)

@@ -286,7 +286,8 @@ def _summary(res: Result, out: Path, quiet: bool) -> None:
     if keys:
         where = f" (step {res.final['step']:g})" if "step" in res.final else ""
         lines.append(f"  final{where}:")
-        lines += [f"    {_SUMMARY_LABELS.get(k, k):<16}{_fmt(final[k])}" for k in keys]
+        width = max(16, *(len(_SUMMARY_LABELS.get(k, k)) + 2 for k in keys))  # long metric names stay apart
+        lines += [f"    {_SUMMARY_LABELS.get(k, k):<{width}}{_fmt(final[k])}" for k in keys]
     lines += [f"  wall time       {res.wall_time_s:.2f} s", f"  output          {out}"]
     click.echo("\n".join(lines))
 

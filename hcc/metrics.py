@@ -18,7 +18,7 @@ from .solvers.oracle import vector_field
 from .solvers.tree import sq_norm
 
 #: metrics that are "smaller is better" and span decades: plotted on a log scale
-LOG_METRICS = ("lyapunov", "exploitability", "field_norm", "openspiel_exploitability", "openspiel_nash_conv")
+LOG_METRICS = ("lyapunov", "exploitability", "field_norm", "openspiel_exploitability")
 
 
 def lyapunov(game: Game, params: Params, batch: Batch) -> float | None:

@@ -127,10 +127,17 @@ def plot_metric(
     return ax
 
 
+def stop_metric(result: Result) -> str:
+    """The metric the run's tolerance applied to: ``lyapunov`` (``V``) if it was recorded, else the
+    duality gap ``exploitability`` (games without a unique equilibrium: ``openspiel``)."""
+    keys = {k for r in result.history for k in r}
+    return "exploitability" if "lyapunov" not in keys and "exploitability" in keys else "lyapunov"
+
+
 def run_figure(result: Result) -> Figure:
     """The per-run figure: V, duality gap and field norm, or the GAN panels without V."""
     keys = {k for r in result.history for k in r}
-    stop = "lyapunov" if "lyapunov" in keys else "exploitability"  # what the run stopped on
+    stop = stop_metric(result)
     panels = [m for m in (V_PANELS if stop in keys else GAN_PANELS) if m in keys]
     panels = panels or [m for m in ("field_norm", "payoff") if m in keys][:1] or ["payoff"]
     fig = Figure(figsize=(4.6 * len(panels), 3.9), layout="constrained")
@@ -188,12 +195,13 @@ def snapshot_steps(steps: int, n: int = 6) -> list[int]:
 def _title(result: Result) -> str:
     lr = result.solver_options.get("lr")
     head = f"{result.game} · {result.solver}" + (f" · step size {lr:g}" if isinstance(lr, (int, float)) else "")
+    V = "V" if stop_metric(result) == "lyapunov" else "gap"
     if result.status == "converged":
-        tail = f"V ≤ {result.tol:g} after {result.steps_to_tol} steps"
+        tail = f"{V} ≤ {result.tol:g} after {result.steps_to_tol} steps"
     elif result.status == "diverged":
         tail = f"diverged at step {result.diverged_at}"
     elif result.converged is False:
-        tail = f"V > {result.tol:g} after {result.steps_run} steps"
+        tail = f"{V} > {result.tol:g} after {result.steps_run} steps"
     else:
         tail = f"{result.steps_run} steps"
     return f"{head} — {tail}"

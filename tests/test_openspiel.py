@@ -12,11 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, hcc_cli, load
+from conftest import assert_image, assert_one_line_error, hcc_cli, load
 from torch.func import vmap
 
 import hcc
 from hcc.games.simplex import matrix_game_gap
+from hcc.plots import stop_metric
 
 pyspiel = pytest.importorskip(
     "pyspiel", reason="open-spiel is not installed (pip install 'hcc[openspiel]'): OpenSpiel game tests skipped")
@@ -81,7 +82,7 @@ def test_duality_gap_is_openspiel_nash_conv(name, strategy):
         assert abs(gap - nash_conv) < 1e-12
         assert abs(gap / 2 - exploitability.exploitability(game.sf.game, pol)) < 1e-12
         ref = game.extra_metrics(params, batch)
-        assert abs(ref["openspiel_nash_conv"] - gap) < 1e-12 and gap > 1e-3
+        assert abs(2 * ref["openspiel_exploitability"] - gap) < 1e-12 and gap > 1e-3
 
 
 def test_duality_gap_of_random_behaviours_is_nash_conv():
@@ -197,11 +198,14 @@ def test_run_stops_on_exploitability_and_records_the_referee():
 
 def test_cli_solves_an_openspiel_game_by_name(tmp_path):
     out = tmp_path / "run"
-    res = hcc_cli("solve", "openspiel", "-g", "name=kuhn_poker", "--solver", "eg", "--steps", "3", "-o", out, "-q")
+    res = hcc_cli("solve", "openspiel", "-g", "name=kuhn_poker", "--solver", "eg", "--steps", "3",
+                  "--log-every", "1", "-o", out, "-q")
     assert res.exit_code == 0, res.output
     data = load(out)
     assert data["game_options"]["name"] == "kuhn_poker" and len(data["history"]) == 4
     assert "openspiel_exploitability" in data["history"][-1]
+    assert_image(out / "lyapunov.png")
+    assert stop_metric(hcc.Result.load(out)) == "exploitability"
 
 
 @pytest.mark.parametrize("name,needle", [

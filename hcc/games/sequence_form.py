@@ -24,15 +24,17 @@ So a zero-sum game is the bilinear saddle problem ``min_{x∈X} max_{y∈Y} xᵀ
 policy that maps behaviours to plans through the smooth products above makes it a
 hidden convex-concave game.
 
-:class:`Treeplex` holds one player's tree as index arrays and evaluates, without a
+:class:`Treeplex` holds one player's tree as numpy index arrays (constraints, depths,
+ancestors); :class:`TreeplexIndex` holds them as torch buffers and evaluates, without a
 Python loop over information sets (one gather or scatter per *depth* of the tree):
 
-- :meth:`Treeplex.realize`: behaviours ``(n_infosets, K)`` → plan (differentiable);
-- :meth:`Treeplex.plan`: realization rows ``(n_infosets, K)`` → plan (a gather);
-- :meth:`Treeplex.best_response`: ``max_{x∈X} uᵀx`` by backward induction over the
+- :meth:`TreeplexIndex.realize`: behaviours ``(n_infosets, K)`` → plan (differentiable);
+- :meth:`TreeplexIndex.plan`: realization rows ``(n_infosets, K)`` → plan (a gather);
+- :meth:`TreeplexIndex.best_response`: ``max_{x∈X} uᵀx`` by backward induction over the
   treeplex (the value of an information set is the best action's value plus the values
   of the information sets that follow it).
 
+:class:`RealizationMap` makes the plan a per-information-set strategy map, and
 :func:`solve_lp` finds an equilibrium by the sequence-form linear program
 (von Stengel 1996, Theorem 4.1; scipy's HiGHS).
 """
