@@ -39,7 +39,7 @@ from .solvers import PRECONDITIONERS, RULES, SOLVERS, check_solver_name
 #: exit code of a run that diverged (its files are written all the same)
 EXIT_DIVERGED = 3
 #: metrics shown by the progress bar, first one present wins (the GAN has no V)
-_PROGRESS_METRICS = (("lyapunov", "V"), ("mmd", "mmd"), ("field_norm", "|v|"))
+_PROGRESS_METRICS = (("lyapunov", "V"), ("mmd", "mmd"), ("exploitability", "gap"), ("field_norm", "|v|"))
 #: summary labels, in order; other recorded metrics follow under their own names
 _SUMMARY_LABELS = {
     "lyapunov": "V (Lyapunov)",
@@ -113,7 +113,8 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the maps' init and the sampling.")
 @click.option("--seeds", type=int, default=1, show_default=True,
               help="Solve seeds SEED..SEED+K-1 as one batched (vmapped) program; writes seeds.csv and a summary.")
-@click.option("--tol", type=float, default=1e-6, show_default=True, help="Stop when V <= tol.")
+@click.option("--tol", type=float, default=1e-6, show_default=True,
+              help="Stop when V <= tol (games without a unique equilibrium, e.g. openspiel: the duality gap).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", default="float64", show_default=True, help=" or ".join(DTYPES) + ".")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -285,7 +286,8 @@ def _summary(res: Result, out: Path, quiet: bool) -> None:
     if keys:
         where = f" (step {res.final['step']:g})" if "step" in res.final else ""
         lines.append(f"  final{where}:")
-        lines += [f"    {_SUMMARY_LABELS.get(k, k):<16}{_fmt(final[k])}" for k in keys]
+        width = max(16, *(len(_SUMMARY_LABELS.get(k, k)) + 2 for k in keys))  # long metric names stay apart
+        lines += [f"    {_SUMMARY_LABELS.get(k, k):<{width}}{_fmt(final[k])}" for k in keys]
     lines += [f"  wall time       {res.wall_time_s:.2f} s", f"  output          {out}"]
     click.echo("\n".join(lines))
 

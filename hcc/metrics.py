@@ -18,7 +18,7 @@ from .solvers.oracle import vector_field
 from .solvers.tree import sq_norm
 
 #: metrics that are "smaller is better" and span decades: plotted on a log scale
-LOG_METRICS = ("lyapunov", "exploitability", "field_norm")
+LOG_METRICS = ("lyapunov", "exploitability", "field_norm", "openspiel_exploitability")
 
 
 def lyapunov(game: Game, params: Params, batch: Batch) -> float | None:
@@ -27,6 +27,16 @@ def lyapunov(game: Game, params: Params, batch: Batch) -> float | None:
         F, G = game.strategies(params, batch)
         V = game.lyapunov(F, G, batch)
     return None if V is None else float(V)
+
+
+def progress_value(game: Game, params: Params, batch: Batch) -> float | None:
+    """The metric named by :attr:`Game.progress_metric <hcc.games.base.Game.progress_metric>` at
+    ``params`` (``V`` or the duality gap), or ``None`` if the game cannot compute it."""
+    if game.progress_metric == "lyapunov":
+        return lyapunov(game, params, batch)
+    with torch.no_grad():
+        gap = game.duality_gap(*game.strategies(params, batch), batch)
+    return None if gap is None else float(gap)
 
 
 def evaluate(game: Game, params: Params, batch: Batch, *, field: bool = True) -> dict[str, float]:

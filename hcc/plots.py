@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 LABELS: dict[str, str] = {
     "lyapunov": "V (function-space Lyapunov)",
     "exploitability": "exploitability (duality gap)",
+    "openspiel_exploitability": "exploitability (OpenSpiel: NashConv / 2)",
     "field_norm": "‖v‖ (vector-field norm)",
     "payoff": "payoff Ψ",
     "mmd": "MMD to the data",
@@ -126,15 +127,23 @@ def plot_metric(
     return ax
 
 
+def stop_metric(result: Result) -> str:
+    """The metric the run's tolerance applied to: ``lyapunov`` (``V``) if it was recorded, else the
+    duality gap ``exploitability`` (games without a unique equilibrium: ``openspiel``)."""
+    keys = {k for r in result.history for k in r}
+    return "exploitability" if "lyapunov" not in keys and "exploitability" in keys else "lyapunov"
+
+
 def run_figure(result: Result) -> Figure:
     """The per-run figure: V, duality gap and field norm, or the GAN panels without V."""
     keys = {k for r in result.history for k in r}
-    panels = [m for m in (V_PANELS if "lyapunov" in keys else GAN_PANELS) if m in keys]
+    stop = stop_metric(result)
+    panels = [m for m in (V_PANELS if stop in keys else GAN_PANELS) if m in keys]
     panels = panels or [m for m in ("field_norm", "payoff") if m in keys][:1] or ["payoff"]
     fig = Figure(figsize=(4.6 * len(panels), 3.9), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, metric in zip(axes, panels):
-        plot_metric(ax, [result], metric, tol=result.tol if metric == "lyapunov" else None)
+        plot_metric(ax, [result], metric, tol=result.tol if metric == stop else None)
         ax.set_title(TITLES.get(metric, metric), fontsize=10)
         if ax.get_legend_handles_labels()[0] and (metric == panels[0] or result.diverged_at is not None):
             ax.legend(fontsize=8, loc="best")
@@ -186,12 +195,13 @@ def snapshot_steps(steps: int, n: int = 6) -> list[int]:
 def _title(result: Result) -> str:
     lr = result.solver_options.get("lr")
     head = f"{result.game} · {result.solver}" + (f" · step size {lr:g}" if isinstance(lr, (int, float)) else "")
+    V = "V" if stop_metric(result) == "lyapunov" else "gap"
     if result.status == "converged":
-        tail = f"V ≤ {result.tol:g} after {result.steps_to_tol} steps"
+        tail = f"{V} ≤ {result.tol:g} after {result.steps_to_tol} steps"
     elif result.status == "diverged":
         tail = f"diverged at step {result.diverged_at}"
     elif result.converged is False:
-        tail = f"V > {result.tol:g} after {result.steps_run} steps"
+        tail = f"{V} > {result.tol:g} after {result.steps_run} steps"
     else:
         tail = f"{result.steps_run} steps"
     return f"{head} — {tail}"

@@ -1,7 +1,8 @@
 """The loop: steps, tolerance, divergence guard, logging, the result record.
 
 Data flows one way: CLI → :func:`run` → :class:`~hcc.solvers.Solver` → game.
-A run stops when ``V ≤ tol`` (unless ``stop_at_tol=False``), after ``steps``
+A run stops when ``V ≤ tol`` (``V``: the game's :attr:`~hcc.games.base.Game.progress_metric`,
+the Lyapunov function or the duality gap; unless ``stop_at_tol=False``), after ``steps``
 steps, or at the first step whose iterate or metrics are NaN/inf or exceed
 ``diverge_at``; in every case the :class:`Result` keeps everything recorded up to
 that step.
@@ -23,7 +24,7 @@ import torch
 
 from . import __version__
 from .games import Game, Params, make_game
-from .metrics import evaluate, lyapunov
+from .metrics import evaluate, progress_value
 from .registry import OptionError, check_positive
 from .solvers import Solver, make_solver
 from .solvers.tree import all_finite, sq_norm
@@ -182,8 +183,10 @@ def solve(
             callback(t, params)
         return row
 
+    metric = game.progress_metric  # "lyapunov" (V) unless the game stops on its duality gap
+    name = "V" if metric == "lyapunov" else metric
     row = record(0, {})
-    V = row.get("lyapunov")
+    V = row.get(metric)
     has_V = V is not None
     if has_V and V <= tol:
         res.steps_to_tol = 0
@@ -197,13 +200,13 @@ def solve(
         ts = time.perf_counter()
         params, state, info = solver.step(game, params, state, batch)
         step_time += time.perf_counter() - ts
-        V = lyapunov(game, params, eval_batch) if has_V else None
+        V = progress_value(game, params, eval_batch) if has_V else None
         bad = not all_finite(params) or (V is not None and not (math.isfinite(V) and V <= diverge_at))
         if bad:
-            what = "non-finite parameters" if not all_finite(params) else f"V = {V:.3g} beyond {diverge_at:.3g}"
+            what = "non-finite parameters" if not all_finite(params) else f"{name} = {V:.3g} beyond {diverge_at:.3g}"
             res.status, res.diverged_at = "diverged", t
             res.message = f"diverged at step {t}: {what}"
-            res.history.append({"step": t, "time_s": step_time, **({"lyapunov": V} if V is not None else {}),
+            res.history.append({"step": t, "time_s": step_time, **({metric: V} if V is not None else {}),
                                 "param_norm": math.sqrt(float(sq_norm(params)))})
             break
         if has_V and V <= tol and res.steps_to_tol is None:
@@ -219,8 +222,8 @@ def solve(
     if res.status != "diverged":
         res.status = "converged" if res.converged else "max_steps"
         res.message = (
-            f"V ≤ {tol:g} after {res.steps_to_tol} steps" if res.converged
-            else f"ran {t} steps" + (f" without reaching V ≤ {tol:g}" if has_V else "")
+            f"{name} ≤ {tol:g} after {res.steps_to_tol} steps" if res.converged
+            else f"ran {t} steps" + (f" without reaching {name} ≤ {tol:g}" if has_V else "")
         )
     # a diverged run's summary is its last sane record, the one before the divergence row
     res.final = dict(res.history[-1] if res.status != "diverged" else res.history[-2] if len(res.history) > 1 else {})

@@ -10,9 +10,10 @@ from .bilinear import Bilinear
 from .gan import GAN
 from .matching_pennies import MatchingPennies
 from .matrix import RPS, MatrixGame
+from .openspiel import OpenSpielGame
 
 GAMES: Registry[type[Game]] = Registry("game")
-for _g in (Bilinear, MatchingPennies, RPS, MatrixGame, GAN):
+for _g in (Bilinear, MatchingPennies, RPS, MatrixGame, GAN, OpenSpielGame):
     GAMES.register(_g.name, _g)
 
 
@@ -26,6 +27,6 @@ def make_game(name: str, options: dict[str, Any] | None = None, seed: int = 0) -
 
 
 __all__ = [
-    "GAMES", "GAN", "RPS", "Batch", "Bilinear", "Game", "MatchingPennies", "MatrixGame", "Params", "make_game",
-    "seeded",
+    "GAMES", "GAN", "RPS", "Batch", "Bilinear", "Game", "MatchingPennies", "MatrixGame", "OpenSpielGame", "Params",
+    "make_game", "seeded",
 ]

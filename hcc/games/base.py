@@ -72,6 +72,9 @@ class Game(nn.Module):
     default_steps: ClassVar[int] = 2000
     #: record metrics every this many steps unless told otherwise (the GAN's metrics are costly)
     default_log_every: ClassVar[int] = 1
+    #: the metric a run stops on (``≤ tol``) and guards against divergence: ``lyapunov`` (``V``), or
+    #: ``exploitability`` (the duality gap) for games whose equilibria are not unique
+    progress_metric: ClassVar[str] = "lyapunov"
 
     def __init__(self, options: Any, seed: int = 0) -> None:
         super().__init__()

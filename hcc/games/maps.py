@@ -126,3 +126,45 @@ def tabulate(module: nn.Module, points: Tensor, domain: Domain) -> Tabular:
     table = Tabular(module(points).reshape(points.shape[0], -1), points, domain)
     table.values.copy_(table.project({"values": table.values})["values"])
     return table
+
+
+class KeepMask(nn.Module):
+    """``[x | m] ↦ [body(x) | m]``: a body that sees the first ``n_features`` columns of its
+    input and passes the rest (a legal-action mask) through to a :class:`MaskedSoftmax`."""
+
+    def __init__(self, body: nn.Module, n_features: int) -> None:
+        super().__init__()
+        self.body, self.n_features = body, n_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.body(x[..., : self.n_features]), x[..., self.n_features :]], -1)
+
+
+class MaskedSoftmax(nn.Module):
+    r"""A softmax head over the legal actions, the mask travelling in the input row.
+
+    Contract: the input has ``2K`` columns, ``[z | m]`` — logits ``z ∈ R^K`` and a mask
+    ``m ∈ {0, 1}^K`` (1: legal) with at least one legal entry per row — and the output is
+
+    .. math::
+
+        p_a = \frac{m_a e^{z_a}}{\sum_b m_b e^{z_b}} ∈ Δ(\{a : m_a = 1\}),
+
+    exactly 0 at illegal actions. Row ``i`` of the output depends on row ``i`` of the input
+    only (per-point Jacobians are valid), its Jacobian in ``z`` is ``diag(p) − ppᵀ`` (the
+    softmax head's, restricted to the legal actions) and in ``m`` it is 0. Use it last
+    in an ``nn.Sequential`` after a :class:`KeepMask` body: ``Sequential(KeepMask(mlp, d),
+    MaskedSoftmax())`` maps ``[features | mask]`` to a distribution over legal actions.
+    """
+
+    def forward(self, zm: Tensor) -> Tensor:
+        z, m = zm.chunk(2, dim=-1)
+        return torch.softmax(torch.where(m > 0, z, -torch.inf), -1)
+
+
+def masked_policy(n_features: int, n_actions: int, width: int, depth: int, activation: str = "tanh",
+                  out_scale: float = 1.0) -> nn.Sequential:
+    """``[features | legal mask] ↦`` a distribution over the legal actions: an :func:`mlp` on
+    the features, then a :class:`MaskedSoftmax` head (input width ``n_features + n_actions``)."""
+    body = mlp(n_features, width, depth, n_actions, activation, None, out_scale)
+    return nn.Sequential(KeepMask(body, n_features), MaskedSoftmax())

@@ -1057,7 +1057,7 @@ PRECONDITIONERS.register(DiagGGN.name, DiagGGN)
 # choice and the step-size sweeps): the field-based presets, for every game.
 register_solver("eg+kfac", SolverSpec(
     "eg", precond="kfac", summary="extragradient on the K-FAC (KFLR) natural direction, step fitted in function space",
-    lr={"*": 0.3, "rps": 0.4, "matching-pennies": 0.18, "bilinear": 0.7, "gan": 0.1},
+    lr={"*": 0.3, "rps": 0.4, "matching-pennies": 0.18, "bilinear": 0.7, "gan": 0.1, "openspiel": 0.1},
 ))
 register_solver("eg+diag", SolverSpec(
     "eg", precond="diag", summary="extragradient on the diagonal-GGN natural direction, step fitted in function space",
