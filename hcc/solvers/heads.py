@@ -10,7 +10,12 @@ head                    ``F = h(z)`` per support point         ``D = ∂F/∂z``
 ``none``                ``F = z``                              ``I``
 ``softmax``             ``F = softmax(z)`` on ``Δ_k``          ``S = diag(p) − ppᵀ``
 ``sigmoid``             ``F = σ(z)`` on ``(0, 1)^k``           ``diag(σ(1 − σ))``
+``masked``              softmax over the legal entries          ``S`` (0 off the legal ones)
 ======================  ====================================  ==============================
+
+The ``masked`` head (:class:`~hcc.games.maps.MaskedSoftmax`, OpenSpiel's policies) reads its
+coordinates as ``[z | m]`` (``2K`` columns): logits and a legal-action mask that travels with
+them and never moves; everything below acts on the logits over the legal actions only.
 
 Every natural metric here is ``A = (1/n) Σ_i J_{z,i}ᵀ Q_i Q_iᵀ J_{z,i}`` for an output-side
 factor ``Q_i`` (``n × k × k`` over the support), so a preconditioner works with the
@@ -54,7 +59,7 @@ from torch import Tensor, nn
 
 from ..registry import OptionError
 
-Head = Literal["none", "softmax", "sigmoid"]
+Head = Literal["none", "softmax", "sigmoid", "masked"]
 Geometry = Literal["l2", "fisher", "logit"]
 GEOMETRIES: tuple[str, ...] = ("l2", "fisher", "logit")
 
@@ -65,15 +70,30 @@ def check_geometry(geometry: str, allowed: tuple[str, ...] = GEOMETRIES) -> None
 
 
 def head_of(module: nn.Module) -> Head:
-    """The head of a map: a trailing ``nn.Softmax(dim=-1 or 1)`` or ``nn.Sigmoid`` of an
-    ``nn.Sequential``, else ``"none"``."""
+    """The head of a map: a trailing ``nn.Softmax(dim=-1 or 1)``, ``nn.Sigmoid`` or
+    :class:`~hcc.games.maps.MaskedSoftmax` of an ``nn.Sequential``, else ``"none"``."""
+    from ..games.maps import MaskedSoftmax
+
     if isinstance(module, nn.Sequential) and len(module) > 0:
         last = module[-1]
         if isinstance(last, nn.Softmax) and last.dim in (-1, 1):
             return "softmax"
         if isinstance(last, nn.Sigmoid):
             return "sigmoid"
+        if isinstance(last, MaskedSoftmax):
+            return "masked"
     return "none"
+
+
+def _split_mask(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``[z | m] → (z, legal)`` of a masked head's coordinates."""
+    logits, m = z.chunk(2, dim=-1)
+    return logits, m > 0
+
+
+def _masked(z: Tensor, logits: Tensor) -> Tensor:
+    """``[logits | m]``: new logits with ``z``'s mask."""
+    return torch.cat([logits, z.chunk(2, dim=-1)[1]], -1)
 
 
 def split_head(module: nn.Module) -> tuple[nn.Module, Head]:
@@ -90,13 +110,18 @@ def link(z: Tensor, head: Head) -> Tensor:
         return torch.softmax(z, -1)
     if head == "sigmoid":
         return torch.sigmoid(z)
+    if head == "masked":
+        logits, legal = _split_mask(z)
+        return torch.softmax(torch.where(legal, logits, -torch.inf), -1)
     return z
 
 
 def link_tangent(z: Tensor, u: Tensor, head: Head) -> Tensor:
-    """``D u = (∂F/∂z) u`` row by row (``D`` is symmetric for every head)."""
-    if head == "softmax":
-        p = torch.softmax(z, -1)
+    """``D u = (∂F/∂z) u`` row by row (``D`` is symmetric for every head). For the masked head ``u`` and
+    the result are in logit coordinates (``K`` columns) — the mask does not move."""
+    if head in ("softmax", "masked"):
+        p = link(z, head)
+        u = u[..., : p.shape[-1]]  # coordinates of a masked head: the logits (the mask does not move)
         return p * (u - (p * u).sum(-1, keepdim=True))
     if head == "sigmoid":
         s = torch.sigmoid(z)
@@ -105,20 +130,49 @@ def link_tangent(z: Tensor, u: Tensor, head: Head) -> Tensor:
 
 
 def link_jacobian(z: Tensor, head: Head) -> Tensor:
-    """``D = ∂F/∂z`` per row, ``(n, k, k)``."""
+    """``D = ∂F/∂z`` per row, ``(n, k, k)`` (``(n, K, 2K)`` for the masked head: 0 on the mask columns)."""
     n, k = z.shape
-    if head == "softmax":
-        p = torch.softmax(z, -1)
-        return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    if head in ("softmax", "masked"):
+        p = link(z, head)
+        S = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        return S if head == "softmax" else torch.cat([S, torch.zeros_like(S)], -1)
     if head == "sigmoid":
         s = torch.sigmoid(z)
         return torch.diag_embed(s * (1 - s))
     return torch.eye(k, dtype=z.dtype, device=z.device).expand(n, k, k)
 
 
-def center(u: Tensor, head: Head) -> Tensor:
-    """Remove the component a head ignores: a softmax is invariant to adding a constant per row."""
-    return u - u.mean(-1, keepdim=True) if head == "softmax" else u
+def center(u: Tensor, head: Head, z: Tensor | None = None) -> Tensor:
+    """Remove the component a head ignores: a softmax is invariant to adding a constant per row (the
+    masked head to adding it on the legal entries: ``u`` in logit coordinates, ``z`` the coordinates
+    that carry the mask; illegal entries come back 0)."""
+    if head == "softmax":
+        return u - u.mean(-1, keepdim=True)
+    if head == "masked":
+        legal = _split_mask(z)[1].to(u.dtype)  # type: ignore[arg-type]
+        mean = (u * legal).sum(-1, keepdim=True) / legal.sum(-1, keepdim=True)
+        return (u - mean) * legal
+    return u
+
+
+def coordinate_step(u: Tensor, head: Head, z: Tensor) -> Tensor:
+    """``C u``: a value-space vector ``u`` (a field) as a change of the coordinates ``z``, without the
+    component the head ignores (:func:`center`; the masked head's mask columns get 0)."""
+    cu = center(u, head, z)
+    return torch.cat([cu, torch.zeros_like(cu)], -1) if head == "masked" else cu
+
+
+def coordinate_step_matrix(z: Tensor, head: Head) -> Tensor:
+    """The matrix of :func:`coordinate_step` per row, ``(n, k_coords, k_values)``."""
+    n = z.shape[0]
+    if head == "masked":
+        _, legal = _split_mask(z)
+        w = legal.to(z.dtype)
+        P = torch.diag_embed(w) - w[:, :, None] * w[:, None, :] / w.sum(-1)[:, None, None]
+        return torch.cat([P, torch.zeros_like(P)], 1)
+    k = z.shape[1]
+    eye = torch.eye(k, dtype=z.dtype, device=z.device)
+    return (eye - 1.0 / k if head == "softmax" else eye).expand(n, k, k)
 
 
 def default_logit_range(dtype: torch.dtype) -> float:
@@ -130,10 +184,15 @@ def default_logit_range(dtype: torch.dtype) -> float:
 
 def clip_logits(z: Tensor, head: Head, zeta: float) -> Tensor:
     """Bound pre-head coordinates (no effect without a head): a softmax row's entries at least
-    ``max − ζ`` (then centred), a sigmoid's within ``±ζ``."""
+    ``max − ζ`` (then centred; the masked head's legal ones, the others set to the row's minimum), a
+    sigmoid's within ``±ζ``."""
     if head == "softmax":
         z = torch.maximum(z, z.max(-1, keepdim=True).values - zeta)
         return z - z.mean(-1, keepdim=True)
+    if head == "masked":
+        logits, legal = _split_mask(z)
+        top = torch.where(legal, logits, -torch.inf).max(-1, keepdim=True).values
+        return _masked(z, center(torch.maximum(logits, top - zeta), head, z))
     if head == "sigmoid":
         return z.clamp(-zeta, zeta)
     return z
@@ -149,6 +208,15 @@ def output_factor(z: Tensor, head: Head, geometry: Geometry) -> Tensor:
     """
     n, k = z.shape
     check_geometry(geometry)
+    if head == "masked":  # the softmax's factors on the legal entries, 0 rows for the mask columns
+        logits, legal = _split_mask(z)
+        K = logits.shape[1]
+        if geometry == "logit":
+            w = legal.to(z.dtype)
+            Q = torch.diag_embed(w) - w[:, :, None] * w[:, None, :] / w.sum(-1)[:, None, None]
+        else:
+            Q = output_factor(torch.where(legal, logits, -torch.inf), "softmax", geometry)
+        return torch.cat([Q, Q.new_zeros(n, K, K)], 1)
     eye = torch.eye(k, dtype=z.dtype, device=z.device).expand(n, k, k)
     if head == "none":
         if geometry == "fisher":
@@ -215,7 +283,8 @@ def value_change(z: Tensor, dz: Tensor, head: Head, geometry: Geometry, linear: 
 
 
 __all__ = [
-    "GEOMETRIES", "Geometry", "Head", "apply_factor_t", "center", "check_geometry", "clip_logits",
+    "GEOMETRIES", "Geometry", "Head", "apply_factor_t", "center", "check_geometry", "clip_logits", "coordinate_step",
+    "coordinate_step_matrix",
     "default_logit_range", "field_residual", "head_of", "link", "link_jacobian", "link_tangent", "output_factor",
     "split_head", "target_error", "target_residual", "value_change",
 ]

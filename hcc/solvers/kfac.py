@@ -296,6 +296,7 @@ def _output_columns(Q: Tensor, noise: Tensor | None) -> Tensor:
     """The vectors backpropagated through the body, ``(C, n, k)``: ``Q``'s columns or ``Q ε/√m``."""
     if noise is None:
         return Q.permute(2, 0, 1)
+    noise = noise[..., : Q.shape[-1]]  # a masked head's factor has K columns for its 2K coordinates
     return torch.einsum("nkc,mnc->mnk", Q, noise) / math.sqrt(noise.shape[0])
 
 

@@ -362,8 +362,8 @@ class MetricMap(NamedTuple):
         J = jacobian_matrix(self.module, params, x, backend)  # type: ignore[arg-type]
         if self.Q is None:
             return J
-        n, k = self.Q.shape[:2]
-        return torch.einsum("nkc,nkm->ncm", self.Q, J.reshape(n, k, -1)).reshape(n * k, -1)
+        n, k, c = self.Q.shape
+        return torch.einsum("nkc,nkm->ncm", self.Q, J.reshape(n, k, -1)).reshape(n * c, -1)
 
 
 def metric_map(module: nn.Module, params: dict[str, Tensor], x: Tensor, geometry: Geometry = "l2") -> MetricMap:

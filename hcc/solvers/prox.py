@@ -64,7 +64,17 @@ from torch import Tensor
 from ..games.base import Params
 from ..registry import OptionError, opt
 from .function_space import has_function_space
-from .heads import Head, center, clip_logits, default_logit_range, link, link_jacobian, target_error, value_change
+from .heads import (
+    Head,
+    clip_logits,
+    coordinate_step,
+    coordinate_step_matrix,
+    default_logit_range,
+    link,
+    link_jacobian,
+    target_error,
+    value_change,
+)
 from .oracle import Oracle
 from .rules import RULES, Rule
 from .tree import axpy
@@ -141,11 +151,14 @@ def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tup
     dt = z0.dtype
     tol = 1e4 * torch.finfo(dt).eps if tol is None else tol
     eye = torch.eye(z0.numel(), dtype=dt, device=z0.device)
-    blocks = [(torch.eye(k, dtype=dt, device=z0.device) - 1.0 / k) if h == "softmax"
-              else torch.eye(k, dtype=dt, device=z0.device) for h, (_, k) in zip(heads, shapes, strict=True)]
-    C = torch.block_diag(*([blocks[0]] * shapes[0][0] + [blocks[1]] * shapes[1][0]))
+    C = torch.block_diag(_block_diag(coordinate_step_matrix(z[0], heads[0])),
+                         _block_diag(coordinate_step_matrix(z[1], heads[1])))
     budget = [iters]
-    H_cell: list[Tensor | None] = [hessian if hessian is not None and hessian.shape == eye.shape else None]
+    # the values F = h(z) may have fewer columns than the coordinates (the masked head's mask)
+    vshapes = tuple(link(t, h).shape for t, h in zip(z, heads, strict=True))
+    nv = vshapes[0].numel()
+    n_values = nv + vshapes[1].numel()
+    H_cell: list[Tensor | None] = [hessian if hessian is not None and hessian.shape == (n_values, n_values) else None]
     model: list[tuple[Tensor, Tensor] | None] = [None]  # (values, field) anchor of the affine model
     affine_cell = [affine and H_cell[0] is not None]
 
@@ -162,11 +175,12 @@ def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tup
         if affine_cell[0] and model[0] is not None and not true:
             v = model[0][1] + H_cell[0] @ (FG - model[0][0])  # type: ignore[operator]
         else:
-            vF, vG = fs.field(*split(FG))
+            vF, vG = fs.field(FG[:nv].reshape(vshapes[0]), FG[nv:].reshape(vshapes[1]))
             v = torch.cat([vF.reshape(-1), vG.reshape(-1)])
             model[0] = (FG, v)
-        vF, vG = split(v)
-        Cv = torch.cat([center(vF, heads[0]).reshape(-1), center(vG, heads[1]).reshape(-1)])
+        vF, vG = v[:nv].reshape(vshapes[0]), v[nv:].reshape(vshapes[1])
+        Cv = torch.cat([coordinate_step(vF, heads[0], z[0]).reshape(-1),
+                        coordinate_step(vG, heads[1], z[1]).reshape(-1)])
         return v, Cv, FG
 
     def rel(R: Tensor, Cv: Tensor, e: float) -> float:
@@ -192,7 +206,7 @@ def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tup
             a, b = split(w)
             D = torch.block_diag(_block_diag(link_jacobian(a, heads[0])), _block_diag(link_jacobian(b, heads[1])))
             if H_cell[0] is None:
-                H_cell[0] = fs.field_jacobian(*split(FG))
+                H_cell[0] = fs.field_jacobian(FG[:nv].reshape(vshapes[0]), FG[nv:].reshape(vshapes[1]))
             H = H_cell[0]
             step = torch.linalg.solve(eye + e * (C @ H @ D), -R)
             s, rn = 1.0, R.norm()
