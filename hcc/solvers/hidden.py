@@ -121,7 +121,7 @@ class Surrogate(Preconditioner):
         r = []
         for m, p, x, g in zip(game.maps(), params, xs, gs, strict=True):
             z, head = head_coords(m, p, x)
-            r.append(field_residual(z, g.reshape(z.shape), head, self.options.geometry))
+            r.append(field_residual(z, g.reshape(z.shape[0], -1), head, self.options.geometry))
         from .oracle import vector_field
 
         field = vector_field(game, params, batch) if len(players) < 2 else params

@@ -707,7 +707,7 @@ class _Natural(Preconditioner):
         if geometry == "l2":
             return g
         z, head = head_coords(module, p, x)
-        return field_residual(z, g.reshape(z.shape), head, geometry)
+        return field_residual(z, g.reshape(z.shape[0], -1), head, geometry)
 
     def _run(self, game: Game, params: Params, xs: tuple[Tensor, Tensor], vecs: Params | None,
              gs: tuple[Tensor, Tensor] | None, state: Any, players: tuple[int, ...]
