@@ -276,7 +276,8 @@ def solve_batch(
         with torch.no_grad():
             return v_metric(bufs, params, eval_batch)
 
-    fingerprint = {"game": g0.name, "options": repr(g0.options), "solver": repr(sorted(run_solver.options().items())),
+    fingerprint = {"game": g0.name, "options": repr(g0.options), "info": repr(g0.describe()),
+                   "solver": repr(sorted(run_solver.options().items())),
                    "lrs": lr_list, "seeds": seeds, "tol": tol, "log_every": log_every, "stop_at_tol": stop_at_tol,
                    "guard": dataclasses.asdict(gd), "dtype": str(dt), "device": str(dev)}
     t0 = time.perf_counter()

@@ -314,7 +314,7 @@ def solve(
         settings={"steps": steps, "log_every": log_every, "stop_at_tol": stop_at_tol, "guard": asdict(g)},
     )
     fingerprint = jsonable({k: getattr(res, k) for k in ("game", "game_options", "solver", "solver_options", "seed",
-                                                         "tol", "device", "dtype")}
+                                                         "tol", "device", "dtype", "game_info")}
                            | {k: v for k, v in res.settings.items() if k != "steps"})
     gen = torch.Generator(device="cpu").manual_seed(seed)
     params = game.init_params()
@@ -368,7 +368,11 @@ def solve(
             "callback": callback.state_dict() if callback is not None and hasattr(callback, "state_dict") else None,
         }
 
-    with checkpoint.signals() if checkpoint is not None else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if checkpoint is not None:
+            stack.enter_context(checkpoint.signals())
+        if stream is not None:
+            stack.callback(stream.close)
         while t < steps and not (stop_at_tol and res.steps_to_tol is not None):
             t += 1
             if game.stochastic:
@@ -404,8 +408,6 @@ def solve(
                 break
             if not last and checkpoint is not None:
                 checkpoint.poll(snapshot, f"step {t} of {steps}")
-    if stream is not None:
-        stream.close()
     res.steps_run = t
     res.wall_time_s = wall_before + time.perf_counter() - t0
     res.converged = (res.steps_to_tol is not None) if has_V else None

@@ -123,6 +123,22 @@ def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path: Path) 
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
 
 
+def test_a_compare_that_fails_while_saving_lists_no_missing_file(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """compare.json is written last: a failure while writing the PDF leaves no record claiming it."""
+    real = hcc.compare.save_figure
+
+    def no_pdf(fig, path, **kw):
+        if Path(path).suffix == ".pdf":
+            raise OSError(28, "No space left on device")
+        return real(fig, path, **kw)
+
+    monkeypatch.setattr(hcc.compare, "save_figure", no_pdf)
+    res = cli("compare", "bilinear", "--solvers", "eg", "--seeds", "1", "--steps", "3", "-q", "-o", tmp_path)
+    assert res.exit_code != 0 and (tmp_path / "compare.png").is_file()
+    assert not (tmp_path / "compare.json").exists() and not (tmp_path / "compare.pdf").exists()
+
+
 def test_history_is_streamed_while_the_run_goes(tmp_path: Path) -> None:
     seen = []
 

@@ -107,7 +107,7 @@ def test_interrupted_solve_seeds_resumes_bitwise(tmp_path: Path, monkeypatch: py
     res = cli(*args, "-o", out)
     assert res.exit_code == EXIT_INTERRUPTED and "step 12 of 30" in res.stderr, res.output
     monkeypatch.undo()
-    assert cli("resume", out, "-q").exit_code == 0
+    assert cli(*args, "-o", out, "--resume").exit_code == 0  # the command itself, with --resume
     a, b = result(out), result(ref)
     for ra, rb in zip(a["records"], b["records"], strict=True):
         assert strip_time(ra["history"]) == strip_time(rb["history"]) and ra["status"] == rb["status"]
@@ -159,6 +159,23 @@ def test_interrupted_sweep_resume_skips_finished_chunks(tmp_path: Path, monkeypa
     assert cli("resume", out, "-q").exit_code == 0
     assert chunks == [[0.1, 0.1]]
     assert (out / "sweep.csv").read_text() == (ref / "sweep.csv").read_text()
+
+
+def test_interrupted_gan_resumes_bitwise_with_its_sampling_stream_and_sample_grid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stochastic game: the batch sampler's RNG and the kept sample snapshots are checkpointed too."""
+    out, ref = tmp_path / "interrupted", tmp_path / "reference"
+    args = ["solve", "gan", "-s", "adam", "--steps", "30", "--log-every", "3", "-g", "width=8", "-g", "batch_size=16",
+            "-g", "n_eval=64", "-q"]
+    assert cli(*args, "-o", ref).exit_code == 0
+    interrupt_at_poll(monkeypatch, 17)
+    assert cli(*args, "-o", out).exit_code == EXIT_INTERRUPTED
+    monkeypatch.undo()
+    assert cli("resume", out, "-q").exit_code == 0
+    assert strip_time(result(out)["history"]) == strip_time(result(ref)["history"])
+    assert same_params(torch.load(out / "params.pt"), torch.load(ref / "params.pt"))
+    assert (out / "samples.png").read_bytes() == (ref / "samples.png").read_bytes()
 
 
 # -- the API ------------------------------------------------------------------------------------------
