@@ -21,16 +21,20 @@ dispatch overhead, paid once instead of K times). The bookkeeping of
   *diverged* at that step: its last sane iterate is kept as its final one, and from then
   on it is fed a copy of an active instance's iterate (so its NaNs never reach a
   linear-algebra kernel that would fail the whole batch) and its output is discarded;
+- an instance whose monitored values froze (the stall test of :func:`hcc.run.solve`, on
+  the same values at the same steps) is *stalled* at that step and stops;
 - a step that raises inside a linear-algebra kernel (``eigh`` of a NaN matrix) is retried
   instance by instance; the instances that raise alone are marked diverged at that step
   (an unbatched :func:`~hcc.run.solve` would raise instead).
 
 Each instance gets a :class:`~hcc.run.Result` whose ``steps_run``, ``steps_to_tol``,
-``converged``, ``status``, ``diverged_at`` and the ``V`` (``lyapunov``) and ``payoff``
-of every logged row equal those of running it alone with :func:`hcc.solve` (float64:
-to round-off, tested to 1e-10). Rows hold ``step``, ``lyapunov``, ``payoff`` only (not
-the field norm, exploitability or the step's own measurements), and ``wall_time_s`` is
-the wall time of the whole batched program.
+``converged``, ``status``, ``diverged_at``, ``stalled_at`` and the ``V`` (``lyapunov``)
+and ``payoff`` of every logged row equal those of running it alone with :func:`hcc.solve`
+(float64: to round-off, tested to 1e-10). Rows hold ``step``, ``lyapunov``, ``payoff`` only
+(not the field norm, exploitability or the step's own measurements; games without V also
+get their own metrics, e.g. the GAN's MMD, in the first and last rows), and
+``wall_time_s`` is the wall time of the whole batched program. ``params`` is each
+instance's final iterate.
 
 **What vectorizes.** Every update rule with the ``identity``, ``exact`` (``func``
 backend) and ``cg`` preconditioners. CG's stop at its tolerance is data-dependent

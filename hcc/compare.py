@@ -449,6 +449,8 @@ def load_groups(path: str | Path) -> tuple[list[tuple[str, list[Result]]], float
     from .run import load_results
 
     p = Path(path)
+    if p.is_file() and p.name == "histories.csv":
+        return _csv_groups(p), None
     if p.is_dir() and not any((p / n).is_file() for n in ("result.json", "compare.json")) \
             and (p / "histories.csv").is_file() and not (p / ".checkpoint").is_dir():
         return _csv_groups(p / "histories.csv"), None

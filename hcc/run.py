@@ -181,7 +181,7 @@ class Result:
         if len(runs) != 1:
             rec = read_record(path)
             raise OptionError(f"{path}: expected the folder of one run (hcc solve), got an hcc {rec.kind} folder "
-                              f"holding {len(runs)} runs; read it with hcc.run.load_results")
+                              f"holding {len(runs)} runs; read it with hcc.load_results")
         return runs[0]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -66,15 +65,20 @@ def test_an_empty_out_is_refused(kind: str, no_work: None) -> None:
     assert_one_line_error(cli(*QUICK[kind], "-o", ""), "--out", "expected a folder path")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_a_read_only_working_folder_is_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  no_work: None) -> None:
-    tmp_path.chmod(0o555)
+    """The default folder runs/… cannot be created (read-only cwd; simulated, so that it also holds as root)."""
+    mkdir = Path.mkdir
+
+    def read_only(self: Path, *a, **k) -> None:
+        if tmp_path in self.absolute().parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return mkdir(self, *a, **k)
+
     monkeypatch.chdir(tmp_path)
-    try:
-        assert_one_line_error(cli(*QUICK["solve"]), "--out", "runs/bilinear-eg")
-    finally:
-        tmp_path.chmod(0o755)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    for kind in ("solve", "compare", "sweep", "spectrum"):
+        assert_one_line_error(cli(*QUICK[kind]), "--out", "runs/", "Permission denied", "pass --out")
 
 
 @pytest.mark.parametrize("kind", ["solve", "compare", "field"])
@@ -198,7 +202,7 @@ def test_one_loader_reads_every_folder_kind(made: dict[str, Path], tmp_path: Pat
     assert [len(load_results(made[k])) for k in ("solve", "seeds", "compare", "sweep")] == [1, 2, 1, 2]
     assert Result.load(made["solve"]).status == "max_steps"
     assert Result.load(made["compare"] / "runs" / "eg-seed0").steps_run == 3
-    with pytest.raises(OptionError, match="seeds folder holding 2 runs"):
+    with pytest.raises(OptionError, match="seeds folder holding 2 runs; read it with hcc.load_results"):
         Result.load(made["seeds"])
     res = cli("plot", made["solve"], made["seeds"], made["compare"], "-o", tmp_path / "p.svg")
     assert res.exit_code == 0, res.output
