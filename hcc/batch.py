@@ -71,7 +71,7 @@ from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
 from . import __version__
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, global_rng_state, set_global_rng_state
 from .device import resolve_device, resolve_dtype
 from .games import Game, Params, make_game
 from .registry import OptionError, check_positive, check_seed
@@ -296,7 +296,7 @@ def solve_batch(
         t, params, state = saved["t"], saved["params"], saved["state"]
         for gen, st in zip(gens, saved["gens"], strict=True):
             gen.set_state(st)
-        torch.set_rng_state(saved["torch_rng"])
+        set_global_rng_state(saved["torch_rng"])
         Vs, psis = list(saved["Vs"].unbind(0)), list(saved["psis"].unbind(0))
         to_tol, div_at, stall_at, stall_what, end, diverged, linalg_failed, bad_norm, active = (
             saved[k] for k in ("to_tol", "div_at", "stall_at", "stall_what", "end", "diverged", "linalg_failed",
@@ -318,7 +318,7 @@ def solve_batch(
 
     def snapshot() -> dict[str, Any]:
         return {"fingerprint": fingerprint, "t": t, "params": params, "state": state,
-                "gens": [g.get_state() for g in gens], "torch_rng": torch.get_rng_state(), "Vs": torch.stack(Vs),
+                "gens": [g.get_state() for g in gens], "torch_rng": global_rng_state(), "Vs": torch.stack(Vs),
                 "psis": torch.stack(psis), "to_tol": to_tol, "div_at": div_at, "stall_at": stall_at,
                 "stall_what": stall_what, "end": end,
                 "diverged": diverged, "linalg_failed": linalg_failed, "bad_norm": bad_norm, "active": active,

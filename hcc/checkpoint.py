@@ -192,9 +192,22 @@ class Checkpoint:
                 signal.signal(s, h)
 
 
+def global_rng_state() -> dict[str, Any]:
+    """The global torch RNG states (CPU, and every CUDA device if there is one) a run may draw from."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_global_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`global_rng_state` saved."""
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _plain(x: Any) -> Any:
-    """``x`` with subclasses of the plain types (``TorchVersion`` is a ``str``, NumPy scalars) turned into
-    the plain ones, which ``torch.load(weights_only=True)`` rebuilds; containers recursively."""
+    """``x`` with subclasses of the plain types (``TorchVersion`` is a ``str``), NumPy scalars and arrays
+    turned into plain types and tensors, which ``torch.load(weights_only=True)`` rebuilds; containers
+    recursively."""
     if isinstance(x, torch.Tensor) or x is None or type(x) in (bool, int, float, str):
         return x
     if isinstance(x, dict):
@@ -205,8 +218,11 @@ def _plain(x: Any) -> Any:
     for base in (bool, int, float, str):
         if isinstance(x, base):
             return base(x)
-    item = getattr(x, "item", None)  # NumPy scalars
-    return item() if callable(item) else x
+    if getattr(x, "ndim", None) == 0 and callable(getattr(x, "item", None)):  # NumPy scalars
+        return x.item()
+    if hasattr(x, "__array__"):  # NumPy arrays
+        return torch.as_tensor(x)
+    return x
 
 
-__all__ = ["DEFAULT_EVERY", "EXIT_INTERRUPTED", "Checkpoint", "Interrupted"]
+__all__ = ["DEFAULT_EVERY", "EXIT_INTERRUPTED", "Checkpoint", "Interrupted", "global_rng_state", "set_global_rng_state"]

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, global_rng_state, set_global_rng_state
 from .device import DEFAULT_DTYPE, DTYPES, resolve_device, resolve_dtype
 from .games import Game, Params, make_game
 from .metrics import evaluate, lyapunov
@@ -343,7 +343,7 @@ def solve(
                               f"({res.game} x {res.solver}, seed {seed}), got one of another run or settings")
         t, params, state = saved["step"], saved["params"], saved["solver_state"]
         gen.set_state(saved["gen"])
-        torch.set_rng_state(saved["torch_rng"])
+        set_global_rng_state(saved["torch_rng"])
         res.history, res.steps_to_tol = list(saved["history"]), saved["steps_to_tol"]
         step_time, wall_before = saved["step_time"], saved["wall_time_s"]
         stall = _Stall(g.stall_window, g.stall_rtol, points=[tuple(p) for p in saved["stall"]])  # type: ignore[misc]
@@ -362,7 +362,7 @@ def solve(
     def snapshot() -> dict[str, Any]:
         return {
             "fingerprint": fingerprint, "step": t, "params": params, "solver_state": state, "gen": gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "history": res.history, "steps_to_tol": res.steps_to_tol,
+            "torch_rng": global_rng_state(), "history": res.history, "steps_to_tol": res.steps_to_tol,
             "step_time": step_time, "wall_time_s": wall_before + time.perf_counter() - t0,
             "stall": stall.state(),
             "callback": callback.state_dict() if callback is not None and hasattr(callback, "state_dict") else None,

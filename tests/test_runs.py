@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import hcc_cli as cli
@@ -217,9 +218,12 @@ def test_checkpoint_state_is_generic_and_loaded_without_pickled_code(tmp_path: P
     ckpt = Checkpoint(tmp_path, every=0.0)
     gen = torch.Generator().manual_seed(3)
     state = {"rule": {"prev": (torch.ones(2), torch.zeros(3))}, "trust": [0.5, 1e-3], "calls": 7,
-             "rng": gen.get_state(), "nothing": None, "name": "x"}
+             "rng": gen.get_state(), "nothing": None, "name": "x", "version": torch.__version__,
+             "np": (np.float64(0.25), np.int64(3), np.arange(3.0))}
     ckpt.save(state)
     back = Checkpoint.open(tmp_path).state
+    assert back["version"] == str(torch.__version__) and back["np"][:2] == (0.25, 3)
+    assert torch.equal(back["np"][2], torch.arange(3.0, dtype=torch.float64))
     assert back["trust"] == [0.5, 1e-3] and back["calls"] == 7 and torch.equal(back["rng"], gen.get_state())
     assert torch.equal(back["rule"]["prev"][1], torch.zeros(3)) and back["nothing"] is None
     torch.save({"schema_version": 1, "state": Checkpoint}, tmp_path / ".checkpoint" / "state.pt")
