@@ -34,23 +34,27 @@ def _games(K: int, **opts: object) -> list[hcc.Game]:
     return [hcc.make_game("rps", dict(opts), seed=s).double() for s in range(K)]
 
 
+#: time exactly the steps asked for: no tolerance stop and no stall stop (V freezes at round-off)
+NEVER_STOP = {"tol": 1e-300, "guard": {"stall_window": 0}}
+
+
 def throughput(solver: str, Ks: list[int], loop_n: int, loop_steps: int) -> list[str]:
     """Rows: K, batched instance-steps/s, loop instance-steps/s (extrapolated), speed-up."""
     g = hcc.make_game("rps", seed=0).double()
-    hcc.solve(g, hcc.make_solver(solver, g), steps=3, tol=1e-300)  # warm-up
+    hcc.solve(g, hcc.make_solver(solver, g), steps=3, **NEVER_STOP)  # warm-up
     loop_t = 0.0
     for s in range(loop_n):
         g = hcc.make_game("rps", seed=s).double()
-        res = hcc.solve(g, hcc.make_solver(solver, g), steps=loop_steps, tol=1e-300, log_every=loop_steps, seed=s)
+        res = hcc.solve(g, hcc.make_solver(solver, g), steps=loop_steps, log_every=loop_steps, seed=s, **NEVER_STOP)
         loop_t += res.wall_time_s
     loop_rate = loop_n * loop_steps / loop_t
     rows = []
     for K in Ks:
         games = _games(K)
         sv = hcc.make_solver(solver, games[0])
-        solve_batch(games, sv, steps=2, tol=1e-300)  # warm-up (vmap's first trace)
+        solve_batch(games, sv, steps=2, **NEVER_STOP)  # warm-up (vmap's first trace)
         steps = 40 if K == 1 else 20 if K <= 64 else 8
-        rec = solve_batch(games, sv, steps=steps, tol=1e-300)[0]
+        rec = solve_batch(games, sv, steps=steps, **NEVER_STOP)[0]
         rate = K * steps / rec.wall_time_s
         rows.append(f"| rps | {solver} | {K} | {rate:,.0f} | {loop_rate:,.0f} | {K / loop_rate:.2f} s "
                     f"| {rate / loop_rate:.1f}x |")

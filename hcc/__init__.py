@@ -5,15 +5,17 @@ Public API, grouped by concept:
 - games: :data:`GAMES`, :func:`make_game`, :class:`Game`
 - solvers: :data:`SOLVERS`, :func:`make_solver`, :class:`Solver`, :data:`RULES`,
   :data:`PRECONDITIONERS`
-- running: :func:`run` (by names, like the CLI), :func:`solve`, :class:`Result`
+- running: :func:`run` (by names, like the CLI), :func:`solve`, :class:`Result`,
+  :func:`load_results` (every run of any saved folder), :class:`Checkpoint` (interrupt and resume)
 - metrics: :func:`evaluate`
 """
 
 __version__ = "0.1.0"
 
+from .checkpoint import Checkpoint  # noqa: E402
 from .games import GAMES, Game, make_game  # noqa: E402
 from .metrics import evaluate  # noqa: E402
-from .run import Result, run, solve  # noqa: E402
+from .run import Result, load_results, run, solve  # noqa: E402
 from .solvers import PRECONDITIONERS, RULES, SOLVERS, Solver, make_solver  # noqa: E402
 
 __all__ = [
@@ -22,7 +24,7 @@ __all__ = [
     # solvers
     "PRECONDITIONERS", "RULES", "SOLVERS", "Solver", "make_solver",
     # running
-    "Result", "run", "solve",
+    "Checkpoint", "Result", "load_results", "run", "solve",
     # metrics
     "evaluate",
     "__version__",

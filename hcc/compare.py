@@ -27,8 +27,6 @@ steps to tolerance are then undefined and tuning ranks by the final MMD.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import platform
 import statistics
@@ -41,9 +39,20 @@ from typing import Any
 import torch
 
 from . import __version__
+from .checkpoint import Checkpoint
 from .games import GAMES, make_game
+from .records import (
+    jsonable,
+    read_csv_rows,
+    read_json,
+    read_record,
+    save_figure,
+    write_history_csv,
+    write_json,
+    write_text,
+)
 from .registry import OptionError, check_positive
-from .run import Result, _jsonable, run, write_history_csv
+from .run import GuardOptions, Result, run
 from .solvers import check_solver_name, make_solver
 
 #: default tuning grid: multiples of each solver's default step size
@@ -84,6 +93,8 @@ class SolverSummary:
     converged_fraction: float | None
     diverged: int
     runs: int
+    #: runs stopped as stalled (frozen away from the equilibrium)
+    stalled: int = 0
     #: the step sizes tried (``None`` when not tuned) and what each scored
     grid: list[float] | None = None
     tuning: list[GridPoint] | None = None
@@ -142,8 +153,9 @@ class Comparison:
             band = f"{_e(s.final_median)} [{_e(s.final_q25)}, {_e(s.final_q75)}]"
             conv = "–" if s.converged_fraction is None else f"{round(s.converged_fraction * s.runs)}/{s.runs}"
             steps = self._steps(s.median_steps_to_tol, s.converged_fraction)
+            stalled = f" (+{s.stalled} stalled)" if s.stalled else ""
             lines.append(f"| {s.solver} | {lr} | {steps} | {band} | {s.ms_per_step:.2f} | {conv} "
-                         f"| {s.diverged}/{s.runs} |")
+                         f"| {s.diverged}/{s.runs}{stalled} |")
         out = head + lines
         tuned = [s for s in self.summaries if s.tuning]
         if tuned:
@@ -170,11 +182,12 @@ class Comparison:
         runs = [
             {"solver": name, "seed": r.seed, "lr": r.solver_options.get("lr"), "status": r.status,
              "steps_run": r.steps_run, "steps_to_tol": r.steps_to_tol, "diverged_at": r.diverged_at,
-             "converged": r.converged, "final": r.final.get(self.metric), "wall_time_s": r.wall_time_s,
+             "stalled_at": r.stalled_at, "message": r.message, "converged": r.converged,
+             "final": r.final.get(self.metric), "wall_time_s": r.wall_time_s,
              "dir": f"runs/{run_dir_name(name, r.seed)}"}
             for name in self.solvers for r in self.results[name]
         ]
-        return _jsonable({
+        return jsonable({
             "game": self.game, "game_options": self.game_options, "metric": self.metric, "tol": self.tol,
             "steps": self.steps, "seeds": self.seeds, "solvers": self.solvers, "tuned": self.tuned,
             "band": list(BAND), "summaries": [asdict(s) for s in self.summaries], "runs": runs,
@@ -185,7 +198,9 @@ class Comparison:
 
     def save(self, out: str | Path, *, runs: bool = True, pdf: bool = True, dpi: int = 150) -> Path:
         """Write the plot (PNG, and PDF if ``pdf``), ``histories.csv``, ``table.md``, ``compare.json``
-        and (if ``runs``) every run's record under ``runs/``; returns ``out``."""
+        and (if ``runs``) every run's record under ``runs/``; returns ``out``.
+
+        Every file is written atomically, and ``compare.json`` last: it lists only files that exist."""
         from .plots import compare_figure
 
         out = Path(out)
@@ -195,18 +210,18 @@ class Comparison:
                 for res in self.results[name]:
                     res.save(out / "runs" / run_dir_name(name, res.seed), plot=False)
         write_history_csv(self.rows(), out / "histories.csv", first=CSV_KEYS)
-        (out / "table.md").write_text(self.table())
+        write_text(out / "table.md", self.table())
+        fig = compare_figure(self.groups(), self.metric, title=self.title(), tol=self._tol_line())
+        save_figure(fig, out / "compare.png", dpi=dpi)
+        if pdf:
+            save_figure(fig, out / "compare.pdf")
         data = self.to_dict()
         if not runs:
             for r in data["runs"]:
                 r.pop("dir")
         data["files"] = ["compare.png", *(["compare.pdf"] if pdf else []), "histories.csv", "table.md",
                          *(["runs/"] if runs else [])]
-        (out / "compare.json").write_text(json.dumps(data, indent=1, allow_nan=False, ensure_ascii=False))
-        fig = compare_figure(self.groups(), self.metric, title=self.title(), tol=self._tol_line())
-        fig.savefig(out / "compare.png", dpi=dpi)
-        if pdf:
-            fig.savefig(out / "compare.pdf")
+        write_json(out / "compare.json", "compare", data)
         return out
 
     def title(self) -> str:
@@ -224,14 +239,15 @@ class Comparison:
         summary (status, steps to tolerance, divergence step), enough to plot and tabulate.
         """
         p = Path(path)
-        data = json.loads((p / "compare.json").read_text())
+        data = read_json(p / "compare.json")
         hist = read_histories(p / "histories.csv")
         results: dict[str, list[Result]] = {name: [] for name in data["solvers"]}
         for r in data["runs"]:
             res = Result(game=data["game"], game_options=data["game_options"], solver=r["solver"],
                          solver_options={"lr": r["lr"]}, seed=r["seed"], steps_run=r["steps_run"],
                          converged=r["converged"], steps_to_tol=r["steps_to_tol"], tol=data["tol"],
-                         status=r["status"], diverged_at=r["diverged_at"], wall_time_s=r["wall_time_s"],
+                         status=r["status"], diverged_at=r["diverged_at"], stalled_at=r.get("stalled_at"),
+                         message=r.get("message", ""), wall_time_s=r["wall_time_s"],
                          history=hist.get((r["solver"], r["seed"]), []))
             res.final = dict(res.history[-1]) if res.history else {}
             results[r["solver"]].append(res)
@@ -259,13 +275,16 @@ def compare(
     device: str = "cpu",
     dtype: str = "float64",
     log_every: int | None = None,
+    guard: GuardOptions | dict[str, Any] | None = None,
+    checkpoint: Checkpoint | None = None,
     on_run: Callable[[str, float, int, Result], None] | None = None,
 ) -> Comparison:
     """Run each solver in ``solvers`` on ``game`` for every seed and summarize.
 
     ``seeds`` is a count ``K`` (seeds ``0 … K−1``) or explicit seeds; seed ``k`` builds the
     same game instance and initial iterate for every solver. Runs stop at ``V ≤ tol``
-    or after ``steps`` (default: the game's ``default_steps``, at most :data:`DEFAULT_MAX_STEPS`).
+    or after ``steps`` (default: the game's ``default_steps``, at most :data:`DEFAULT_MAX_STEPS`),
+    or when the guard stops them (:func:`hcc.run.solve`).
 
     With ``tune=True`` each solver is run at every step size of ``grid`` (absolute
     values) or, by default, of its default step size × ``grid_factors``; the chosen
@@ -280,6 +299,9 @@ def compare(
     run ∞ final ``V`` (so never-converged grid points rank by final ``V``). The chosen
     point's runs are the comparison's runs (no re-run). ``on_run(solver, lr, seed,
     result)`` is called after every run (progress).
+
+    ``checkpoint``: every finished run and the running one's state are saved; a resumed
+    call skips the finished runs and continues the running one (bitwise).
     """
     names = _check_solvers(game, solvers)
     seed_list = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else list(seeds)
@@ -298,22 +320,41 @@ def compare(
             check_positive("lr grid value", g)
     for f in grid_factors:
         check_positive("lr grid factor", f)
-    make_game(game, game_options, seed=seed_list[0])  # bad game options fail here, before any run
+    probe = make_game(game, game_options, seed=seed_list[0])  # bad game options fail here, before any run
 
-    t0 = time.perf_counter()
+    saved = checkpoint.state if checkpoint is not None else None
+    done: dict[str, dict[str, Any]] = dict(saved["done"]) if saved is not None else {}
+    current = saved.get("current") if saved is not None else None
+    t0 = time.perf_counter() - (saved["wall_time_s"] if saved is not None else 0.0)
+
+    def wrap(key: str) -> Callable[[Any], dict[str, Any]]:
+        return lambda st: {"done": done, "current": None if st is None else {"key": key, "state": st},
+                           "wall_time_s": time.perf_counter() - t0}
+
     metric: str | None = None
     results: dict[str, list[Result]] = {}
     summaries: list[SolverSummary] = []
     for name in names:
-        default_lr = make_solver(name, game).lr
+        default_lr = make_solver(name, probe).lr
         lrs = ([default_lr] if not tune else
                sorted(set(grid)) if grid is not None else [default_lr * f for f in grid_factors])
         by_lr: dict[float, list[Result]] = {}
         for lr in lrs:
             by_lr[lr] = []
             for seed in seed_list:
-                res = run(game, name, game_options=game_options, lr=lr, steps=steps, tol=tol, seed=seed,
-                          device=device, dtype=dtype, log_every=log_every)
+                key = f"{name}|{lr!r}|{seed}"
+                if key in done:
+                    res = Result.from_state(done[key])
+                else:
+                    inner = None
+                    if checkpoint is not None:
+                        resume = current["state"] if current is not None and current["key"] == key else None
+                        inner = checkpoint.nested(wrap(key), resume, label=f"{name} lr={lr:g} seed {seed}")
+                    res = run(game, name, game_options=game_options, lr=lr, steps=steps, tol=tol, seed=seed,
+                              device=device, dtype=dtype, log_every=log_every, guard=guard, checkpoint=inner)
+                    done[key] = res.state_dict()
+                    if checkpoint is not None:
+                        checkpoint.save(wrap(key)(None))
                 by_lr[lr].append(res)
                 if on_run is not None:
                     on_run(name, lr, seed, res)
@@ -327,7 +368,7 @@ def compare(
     return Comparison(
         game=game, game_options=opts, metric=metric or FALLBACK_METRIC, tol=tol, steps=steps, seeds=seed_list,
         solvers=names, results=results, summaries=summaries, tuned=tune, wall_time_s=time.perf_counter() - t0,
-        versions={"hcc": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        versions={"hcc": __version__, "torch": str(torch.__version__), "python": platform.python_version()},
     )
 
 
@@ -381,11 +422,14 @@ def run_dir_name(solver: str, seed: int) -> str:
 def read_histories(path: str | Path) -> dict[tuple[str, int], list[dict[str, float]]]:
     """``histories.csv`` → ``{(solver, seed): [row, …]}`` with numeric values (empty cells dropped)."""
     out: dict[tuple[str, int], list[dict[str, float]]] = {}
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            key = (row["solver"], int(row["seed"]))
-            out.setdefault(key, []).append(
-                {k: float(v) for k, v in row.items() if k not in ("solver", "seed") and v not in ("", None)})
+    if not Path(path).is_file():
+        raise OptionError(f"{path}: expected the comparison's per-step rows (histories.csv), got no such file")
+    for row in read_csv_rows(path):
+        if "solver" not in row or "seed" not in row:
+            raise OptionError(f"{path}: expected hcc compare histories (columns solver, seed, step, …), got columns "
+                              f"{', '.join(row)}")
+        key = (str(row.pop("solver")), int(row.pop("seed")))  # type: ignore[arg-type]
+        out.setdefault(key, []).append(row)  # type: ignore[arg-type]
     return out
 
 
@@ -395,33 +439,45 @@ def read_histories(path: str | Path) -> dict[tuple[str, int], list[dict[str, flo
 def load_groups(path: str | Path) -> tuple[list[tuple[str, list[Result]]], float | None]:
     """The curves saved at ``path``: ``([(label, runs), …], tol)``.
 
-    ``path`` is an ``hcc compare`` folder (``compare.json``, or only ``histories.csv``:
-    one group per solver and step size), an ``hcc solve`` folder (``result.json``: one
-    group of one run), or one of those files itself.
+    ``path`` is any folder :func:`hcc.records.read_record` reads: ``hcc compare`` (one group
+    per solver), ``hcc solve`` (one run; an unfinished one from its streamed history),
+    ``hcc solve --seeds`` (one group of every seed), or a folder holding only a compare's
+    ``histories.csv`` (one group per solver and step size); or one of their record files.
+    Other folders (``hcc sweep``: no per-step histories; ``hcc spectrum``) get a one-line error.
     """
-    p = Path(path)
-    if p.is_file():
-        p, name = p.parent, p.name
-        if name not in ("compare.json", "histories.csv", "result.json"):
-            raise OptionError(f"{path}: expected result.json, compare.json or histories.csv, got {name!r}")
-    if (p / "compare.json").is_file():
-        cmp = Comparison.load(p)
-        return cmp.groups(), cmp._tol_line()
-    if (p / "histories.csv").is_file() and _csv_has_solver(p / "histories.csv"):
-        groups: dict[tuple[str, float], list[Result]] = {}
-        for (solver, seed), hist in read_histories(p / "histories.csv").items():
-            lr = hist[0].get("lr", math.nan) if hist else math.nan
-            res = Result(game="", game_options={}, solver=solver, solver_options={"lr": lr}, seed=seed,
-                         history=hist, steps_run=int(hist[-1]["step"]) if hist else 0)
-            groups.setdefault((solver, lr), []).append(res)
-        return [(f"{s} (lr = {lr:g})", rs) for (s, lr), rs in groups.items()], None
-    if (p / "result.json").is_file():
-        from .plots import run_label
+    from .plots import run_label
+    from .run import load_results
 
-        res = Result.load(p)
-        return [(run_label(res), [res])], res.tol
-    raise OptionError(f"{path}: expected a folder with result.json (hcc solve) or compare.json / histories.csv "
-                      "(hcc compare), found neither")
+    p = Path(path)
+    if p.is_file() and p.name == "histories.csv":
+        return _csv_groups(p), None
+    if p.is_dir() and not any((p / n).is_file() for n in ("result.json", "compare.json")) \
+            and (p / "histories.csv").is_file() and not (p / ".checkpoint").is_dir():
+        return _csv_groups(p / "histories.csv"), None
+    rec = read_record(p)
+    if rec.kind == "compare" and rec.finished:
+        cmp = Comparison.load(rec.path)
+        return cmp.groups(), cmp._tol_line()
+    if rec.kind == "sweep":
+        raise OptionError(f"{path}: expected runs with per-step histories, got an hcc sweep folder (per-instance "
+                          "summaries only: see its sweep.png, or run hcc solve --seeds for curves)")
+    if rec.kind == "spectrum":
+        raise OptionError(f"{path}: expected runs to plot, got an hcc spectrum folder (see its spectrum.png)")
+    runs = load_results(p)
+    label = run_label(runs[0]) + (" (unfinished)" if not rec.finished else "")
+    if rec.kind == "seeds":
+        label += f", {len(runs)} seeds"
+    return [(label, runs)], runs[0].tol
+
+
+def _csv_groups(path: Path) -> list[tuple[str, list[Result]]]:
+    groups: dict[tuple[str, float], list[Result]] = {}
+    for (solver, seed), hist in read_histories(path).items():
+        lr = hist[0].get("lr", math.nan) if hist else math.nan
+        res = Result(game="", game_options={}, solver=solver, solver_options={"lr": lr}, seed=seed,
+                     history=hist, steps_run=int(hist[-1]["step"]) if hist else 0)
+        groups.setdefault((solver, lr), []).append(res)
+    return [(f"{s} (lr = {lr:g})", rs) for (s, lr), rs in groups.items()]
 
 
 def plot_saved(
@@ -438,6 +494,10 @@ def plot_saved(
 
     if not paths:
         raise OptionError("expected at least one folder of saved results, got none")
+    formats = _image_formats()
+    if out is not None and Path(out).suffix.lstrip(".").lower() not in formats:
+        raise OptionError(f"--out: expected an image file ending in one of {', '.join('.' + f for f in formats)}, "
+                          f"got {str(out)!r}")
     loaded = [(Path(p), *load_groups(p)) for p in paths]
     keys = {k for _, groups, _ in loaded for _, runs in groups for r in runs for row in r.history for k in row}
     metric = metric or ("lyapunov" if "lyapunov" in keys else FALLBACK_METRIC)
@@ -455,14 +515,23 @@ def plot_saved(
     title = ", ".join(games) + (": " if games else "") + f"{metric} of {len(groups)} curve(s)" + (
         f" — median over seeds, band {lo}–{hi} %" if n > 1 else "")
     out = Path(out) if out is not None else Path(f"plot-{metric}.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    compare_figure(groups, metric, title=title, tol=tol).savefig(out, dpi=dpi)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OptionError(f"--out: expected a file in a folder that can be created, got {str(out)!r} "
+                          f"({e.strerror or e})") from None
+    try:
+        save_figure(compare_figure(groups, metric, title=title, tol=tol), out, dpi=dpi)
+    except OSError as e:
+        raise OptionError(f"--out: expected a writable file, got {str(out)!r} ({e.strerror or e})") from None
     return out, metric
 
 
-def _csv_has_solver(path: Path) -> bool:
-    with open(path, newline="") as fh:
-        return "solver" in (next(csv.reader(fh), None) or [])
+def _image_formats() -> list[str]:
+    """The file formats Matplotlib's default canvas writes (png, pdf, svg, …)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -518,7 +587,7 @@ def _summary(name: str, lr: float, default_lr: float, results: list[Result], met
         final_q75=_finite_or_none(_quantile(finals, BAND[1])),
         ms_per_step=1e3 * statistics.median(per_step) if per_step else math.nan,
         converged_fraction=score.converged_fraction, diverged=sum(r.status == "diverged" for r in results),
-        runs=len(results), grid=grid, tuning=tuning,
+        runs=len(results), grid=grid, tuning=tuning, stalled=sum(r.status == "stalled" for r in results),
     )
 
 

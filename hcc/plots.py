@@ -17,6 +17,7 @@ saves; a comparison of several runs is ``plot_metric(ax, results, "lyapunov")``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,9 +154,9 @@ def run_figure(result: Result) -> Figure:
 
 def plot_run(result: Result, path: str | Path, dpi: int = 150) -> Path:
     """Save :func:`run_figure` of ``result`` as a PNG at ``path``; returns the path."""
-    path = Path(path)
-    run_figure(result).savefig(path, dpi=dpi)
-    return path
+    from .records import save_figure
+
+    return save_figure(run_figure(result), path, dpi=dpi)
 
 
 def gan_samples_figure(
@@ -270,7 +271,9 @@ def median_band(
     if x == "step":
         xs = grid
     elif x == "time_s":
-        xs = np.nanmedian(T, axis=0)
+        with warnings.catch_warnings():  # runs without timings (batched records): an empty panel, no warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            xs = np.nanmedian(T, axis=0)
     else:
         raise ValueError(f"x: expected 'step' or 'time_s', got {x!r}")
     return xs, q[0], q[1], q[2]

@@ -132,8 +132,9 @@ def spectrum_figure(spec: Spectrum) -> Figure:
 def plot_spectrum(spec: Spectrum, path: str | Path, dpi: int = 150) -> Path:
     """Save :func:`spectrum_figure` to ``path`` (PNG) and return it."""
     path = Path(path)
-    spectrum_figure(spec).savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    from .records import save_figure
+
+    return save_figure(spectrum_figure(spec), path, dpi=dpi, bbox_inches="tight")
 
 
 def field_figure(portrait: FieldPortrait) -> Figure:
@@ -169,8 +170,9 @@ def field_figure(portrait: FieldPortrait) -> Figure:
 def plot_field(portrait: FieldPortrait, path: str | Path, dpi: int = 150) -> Path:
     """Save :func:`field_figure` to ``path`` (PNG) and return it."""
     path = Path(path)
-    field_figure(portrait).savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    from .records import save_figure
+
+    return save_figure(field_figure(portrait), path, dpi=dpi, bbox_inches="tight")
 
 
 __all__ = ["field_figure", "plot_field", "plot_spectrum", "spectrum_figure"]

@@ -10,6 +10,7 @@ defaults and ``metadata["help"]`` are what ``hcc list`` prints and what
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -62,11 +63,19 @@ class Registry(Generic[T], Mapping[str, T]):
         return len(self._entries)
 
 
-def opt(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field carrying its help text (read by ``hcc list``)."""
+#: value domains an option may declare with ``opt(..., domain=...)``, checked by :func:`build_options`
+DOMAINS = {"positive": (lambda v: v > 0, "a positive number"), "nonnegative": (lambda v: v >= 0, "a number ≥ 0")}
+
+
+def opt(default: Any, help: str, *, domain: str | None = None, **kwargs: Any) -> Any:
+    """A dataclass field carrying its help text (read by ``hcc list``) and, optionally, the
+    ``domain`` its (non-``None``) value must lie in (a key of :data:`DOMAINS`)."""
+    meta = {"help": help, **({"domain": domain} if domain is not None else {})}
+    if domain is not None and domain not in DOMAINS:
+        raise KeyError(f"unknown option domain {domain!r}; expected one of: {', '.join(DOMAINS)}")
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: default, metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: default, metadata=meta, **kwargs)
+    return dataclasses.field(default=default, metadata=meta, **kwargs)
 
 
 def _coerce(name: str, raw: Any, tp: Any) -> Any:
@@ -90,11 +99,11 @@ def _coerce(name: str, raw: Any, tp: Any) -> Any:
         if raw not in args:
             raise OptionError(f"option {name!r}: expected one of {', '.join(map(str, args))}, got {raw!r}")
         return raw
+    if tp is float:
+        return _finite_float(name, raw)
     if not isinstance(raw, str):
-        if tp is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
         if tp is int and isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
+            return _int64(name, raw)
         if tp is bool and isinstance(raw, bool):
             return raw
         if tp is str and isinstance(raw, str):
@@ -110,11 +119,33 @@ def _coerce(name: str, raw: Any, tp: Any) -> Any:
             if low in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if tp in (int, float, str):
-            return tp(raw)
+        if tp is int:
+            return _int64(name, int(raw))
+        if tp is str:
+            return raw
     except ValueError:
         raise OptionError(f"option {name!r}: expected {tp.__name__}, got {raw!r}") from None
     return raw
+
+
+def _int64(name: str, value: int) -> int:
+    """An int option: within int64, the range tensors are sized and seeded with."""
+    if not -(2**63) <= value < 2**63:
+        raise OptionError(f"option {name!r}: expected an integer below 2^63 in size, got {value}")
+    return value
+
+
+def _finite_float(name: str, raw: Any) -> float:
+    """A float option: a real number or its text, finite (no option takes NaN or ±inf)."""
+    try:
+        if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+            raise ValueError
+        value = float(raw)
+    except (ValueError, OverflowError):
+        raise OptionError(f"option {name!r}: expected float, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise OptionError(f"option {name!r}: expected a finite number, got {raw!r}")
+    return value
 
 
 def build_options(cls: type[T], values: Mapping[str, Any] | None = None, *, owner: str = "") -> T:
@@ -131,6 +162,10 @@ def build_options(cls: type[T], values: Mapping[str, Any] | None = None, *, owne
         valid = ", ".join(fields) or "(none)"
         raise OptionError(f"unknown option {unknown[0]!r}{where}; expected one of: {valid}")
     kwargs = {k: _coerce(k, v, hints[k]) for k, v in values.items()}
+    for k, v in kwargs.items():
+        domain = fields[k].metadata.get("domain")
+        if domain is not None and v is not None and not DOMAINS[domain][0](v):
+            raise OptionError(f"option {k!r}: expected {DOMAINS[domain][1]}, got {values[k]!r}")
     inst = cls(**kwargs)
     validate = getattr(inst, "validate", None)
     if validate is not None:
@@ -170,7 +205,49 @@ def check_positive(name: str, value: float | int | None, *, allow_zero: bool = F
     """Raise a one-line error unless ``value`` is a positive (or non-negative) finite number."""
     if value is None:
         return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
     ok = value >= 0 if allow_zero else value > 0
     if not ok or value != value or value in (float("inf"),):
         expected = "a non-negative" if allow_zero else "a positive"
         raise OptionError(f"{name}: expected {expected} finite number, got {value!r}")
+
+
+#: seeds are what :meth:`torch.Generator.manual_seed` takes, kept to 63 bits so derived seeds still fit
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(name: str, seed: Any, count: int = 1) -> int:
+    """``seed`` (and ``seed + count − 1``) as an integer in ``[0, MAX_SEED]``, else a one-line error."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise OptionError(f"{name}: expected an integer, got {seed!r}")
+    if not 0 <= seed <= MAX_SEED - max(count - 1, 0):
+        top = f"; with {count} seeds the last is {seed + count - 1}" if count > 1 else ""
+        raise OptionError(f"{name}: expected an integer in [0, 2^63 - 1]{top}, got {seed}")
+    return seed
+
+
+def check_number(name: str, value: Any, *, allow_none: bool = True) -> float | None:
+    """A real number (not a bool or a string) as ``float``; ``None`` passes if ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_mapping(name: str, value: Any) -> dict[str, Any]:
+    """An options mapping (``None`` → ``{}``), else a one-line error (e.g. a ``"k=v"`` string)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise OptionError(f"{name}: expected a dict of option values like {{'lam': 0.2}}, got "
+                          f"{type(value).__name__} {value!r}")
+    return dict(value)
+
+
+def check_name(name: str, value: Any) -> str:
+    """A registry name: a string, else a one-line error."""
+    if not isinstance(value, str):
+        raise OptionError(f"{name}: expected a name (str), got {type(value).__name__} {value!r}")
+    return value

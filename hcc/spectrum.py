@@ -47,7 +47,6 @@ True
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,9 +58,11 @@ from torch import Tensor
 from torch.func import jacfwd
 from torch.utils import _pytree as pytree
 
+from .batch import untraceable
 from .games.base import Batch, Game, Params
 from .games.maps import Direct
-from .registry import OptionError
+from .records import write_json
+from .registry import OptionError, check_seed
 from .solvers import Solver, make_solver
 from .solvers.oracle import vector_field
 from .solvers.tree import sq_norm
@@ -117,7 +118,7 @@ class Spectrum:
         """Write ``spectrum.json`` (and ``spectrum.png`` with ``plot``) into ``out``; returns ``out``."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "spectrum.json").write_text(json.dumps(_finite(self.to_dict()), indent=2) + "\n")
+        write_json(out / "spectrum.json", "spectrum", _finite(self.to_dict()))
         if plot:
             from .plots_dynamics import plot_spectrum
 
@@ -304,6 +305,7 @@ def equilibrium_params(
 # -- the whole thing -------------------------------------------------------------------------
 
 
+
 def spectrum(
     game: Game,
     solver: Solver,
@@ -319,6 +321,10 @@ def spectrum(
     ``params`` come from when they are given. See the module docstring for the sign
     convention and :func:`lemma4_step_bound` for the bound.
     """
+    why = untraceable(solver)
+    if why is not None:
+        raise OptionError(f"spectrum: expected a solver whose step torch.func can differentiate (preconditioner "
+                          f"identity, exact or cg), got {solver.name!r}: {why}")
     batch = game.sample_batch() if batch is None else batch
     if params is None:
         params, equilibrium = equilibrium_params(game, batch)
@@ -360,7 +366,8 @@ def run_spectrum(
     """
     from .games import make_game
 
-    g = make_game(game, game_options, seed=seed).to(torch.float64)
+    check_seed("seed", seed)
+    g = make_game(game, game_options, seed=seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:

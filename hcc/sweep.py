@@ -24,7 +24,6 @@ Figures use the object-oriented Matplotlib API (no ``pyplot``), like :mod:`hcc.p
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Iterable, Sequence
@@ -32,15 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 
 from .batch import Backend, run_batch
+from .checkpoint import Checkpoint
+from .records import atomic_write, save_figure, write_history_csv, write_json
 from .registry import OptionError
-from .run import Result, _jsonable, write_history_csv
+from .run import GuardOptions, Result
+from .solvers.tree import tree_map
 
 __all__ = [
-    "batch_figure", "format_table", "instance_rows", "late_ratio", "save_batch", "save_sweep", "summary_rows", "sweep",
-    "sweep_figure", "write_rows",
+    "batch_figure", "batch_metric", "format_table", "instance_rows", "late_ratio", "save_batch", "save_sweep",
+    "summary_rows", "sweep", "sweep_figure", "write_rows",
 ]
 
 
@@ -60,11 +63,14 @@ def sweep(
     chunk: int | None = None,
     backend: Backend = "local",
     threads: int | None = None,
+    guard: GuardOptions | dict[str, Any] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> list[Result]:
     """Solve ``game`` with ``solver`` for every ``(lr, seed)`` pair, batched; records lr-major.
 
     Instance ``(h, s)`` is the run ``hcc.run(game, solver, lr=h, seed=s, ...)``; see
-    :func:`hcc.batch.run_batch` for ``chunk``, ``backend`` and ``threads``.
+    :func:`hcc.batch.run_batch` for ``chunk``, ``backend``, ``threads``, ``guard`` and
+    ``checkpoint``.
     """
     lrs = [float(h) for h in lrs]
     seeds = [int(s) for s in seeds]
@@ -73,29 +79,37 @@ def sweep(
     return run_batch(
         game, solver, seeds=[s for _ in lrs for s in seeds], lrs=[h for h in lrs for _ in seeds],
         game_options=game_options, solver_options=solver_options, steps=steps, tol=tol, device=device,
-        dtype=dtype, log_every=log_every, chunk=chunk, backend=backend, threads=threads,
+        dtype=dtype, log_every=log_every, chunk=chunk, backend=backend, threads=threads, guard=guard,
+        checkpoint=checkpoint,
     )
 
 
 # -- tables ------------------------------------------------------------------------------------
 
 
-def _V(row: dict[str, Any]) -> float:
-    v = row.get("lyapunov")
+def _V(row: dict[str, Any], key: str = "lyapunov") -> float:
+    v = row.get(key)
     return float(v) if isinstance(v, (int, float)) and v is not None else math.nan
 
 
 def instance_rows(records: Sequence[Result]) -> list[dict[str, Any]]:
-    """One row per instance: lr, seed, status, converged, steps_to_tol, steps_run, diverged_at, V0, final_V."""
+    """One row per instance: lr, seed, status, converged, steps_to_tol, steps_run, diverged_at,
+    stalled_at, then ``V0`` and ``final_V``; for games without V, each recorded metric at the
+    start (``mmd0``, …) and at the end (``final_mmd``, …)."""
     rows = []
     for r in records:
-        V0 = _V(r.history[0]) if r.history else math.nan
-        Vf = _V(r.final)
-        rows.append({
+        first = r.history[0] if r.history else {}
+        row = {
             "lr": r.solver_options.get("lr"), "seed": r.seed, "status": r.status, "converged": r.converged,
             "steps_to_tol": r.steps_to_tol, "steps_run": r.steps_run, "diverged_at": r.diverged_at,
-            "V0": V0, "final_V": Vf,
-        })
+            "stalled_at": r.stalled_at,
+        }
+        if "lyapunov" in first or not first:
+            row.update({"V0": _V(first), "final_V": _V(r.final)})
+        else:
+            row.update({f"{k}0": v for k, v in first.items() if k != "step"})
+            row.update({f"final_{k}": v for k, v in r.final.items() if k != "step"})
+        rows.append(row)
     return rows
 
 
@@ -116,9 +130,9 @@ def _quantile(xs: Sequence[float], q: float) -> float:
 
 
 def summary_rows(records: Sequence[Result]) -> list[dict[str, Any]]:
-    """Per step size (ascending): instance count, converged and diverged fractions, quartiles of
-    the steps to tol (converged instances only), median final V and median final/initial V
-    (a diverged instance counts as ∞)."""
+    """Per step size (ascending): instance count, converged, diverged and stalled fractions,
+    quartiles of the steps to tol (converged instances only), median final V and median
+    final/initial V (a diverged instance counts as ∞); with MMD recorded (GAN), its final median."""
     by: dict[float, list[Result]] = {}
     for r in records:
         by.setdefault(float(r.solver_options["lr"]), []).append(r)
@@ -133,6 +147,7 @@ def summary_rows(records: Sequence[Result]) -> list[dict[str, Any]]:
             "lr": lr, "instances": len(rs),
             "converged_fraction": sum(bool(r.converged) for r in rs) / len(rs),
             "diverged_fraction": sum(r.status == "diverged" for r in rs) / len(rs),
+            "stalled_fraction": sum(r.status == "stalled" for r in rs) / len(rs),
             "steps_to_tol_median": statistics.median(st) if st else math.nan,
             "steps_to_tol_q25": _quantile(st, 0.25), "steps_to_tol_q75": _quantile(st, 0.75),
             "steps_to_tol_max": max(st) if st else math.nan,
@@ -140,6 +155,9 @@ def summary_rows(records: Sequence[Result]) -> list[dict[str, Any]]:
             "V_ratio_median": statistics.median(ratio) if ratio else math.nan,
             "V_late_ratio_median": _nanmedian([late_ratio(r) for r in rs]),
         })
+        if any("mmd" in r.final for r in rs):  # games without V: their own quality metric
+            out[-1]["final_mmd_median"] = _nanmedian([math.inf if r.status == "diverged" else _V(r.final, "mmd")
+                                                      for r in rs])
     return out
 
 
@@ -180,10 +198,10 @@ def format_table(rows: Sequence[dict[str, Any]], keys: Sequence[str] | None = No
 # -- figures -------------------------------------------------------------------------------------
 
 
-def _curve(r: Result, steps: int) -> np.ndarray:
-    """V at steps 0..steps; held at its last value after the instance stopped; ∞ once diverged."""
+def _curve(r: Result, steps: int, metric: str = "lyapunov") -> np.ndarray:
+    """``metric`` at steps 0..steps; held at its last value after the instance stopped; ∞ once diverged."""
     ys = np.full(steps + 1, np.nan)
-    pts = [(int(h["step"]), _V(h)) for h in r.history if "step" in h]
+    pts = [(int(h["step"]), _V(h, metric)) for h in r.history if "step" in h]
     if r.diverged_at is not None:
         pts = [(t, v) for t, v in pts if t < r.diverged_at]
     for t, v in pts:
@@ -199,30 +217,45 @@ def _curve(r: Result, steps: int) -> np.ndarray:
     return ys
 
 
+def batch_metric(records: Sequence[Result]) -> str:
+    """What :func:`batch_figure` draws: ``lyapunov`` if recorded, else the ``payoff``."""
+    return "lyapunov" if records and records[0].history and "lyapunov" in records[0].history[0] else "payoff"
+
+
 def batch_figure(records: Sequence[Result], title: str = "") -> Figure:
-    """V of every instance against the step (thin lines) and the median over instances (thick)."""
+    """V (games without V: the payoff) of every instance against the step (thin lines) and the
+    median over instances (thick)."""
+    metric = batch_metric(records)
+    log = metric == "lyapunov"
     fig = Figure(figsize=(7, 4.4), layout="constrained")
     ax = fig.subplots()
     steps = max((r.steps_run for r in records), default=0)
-    curves = np.stack([_curve(r, steps) for r in records]) if records else np.zeros((0, 1))
+    curves = np.stack([_curve(r, steps, metric) for r in records]) if records else np.zeros((0, 1))
     x = np.arange(steps + 1)
     alpha = max(0.05, min(0.6, 8.0 / max(len(records), 1)))
+
+    def shown(y: np.ndarray) -> np.ndarray:
+        return np.where(np.isfinite(y) & ((y > 0) if log else True), y, np.nan)
+
     for c in curves:
-        ax.plot(x, np.where(np.isfinite(c) & (c > 0), c, np.nan), color="C0", lw=0.7, alpha=alpha)
+        ax.plot(x, shown(c), color="C0", lw=0.7, alpha=alpha)
     if len(records):
         med = np.median(np.where(np.isnan(curves), np.inf, curves), axis=0)
-        ax.plot(x, np.where(np.isfinite(med) & (med > 0), med, np.nan), color="C3", lw=2.2,
-                label=f"median over {len(records)} instances")
+        ax.plot(x, shown(med), color="C3", lw=2.2, label=f"median over {len(records)} instances")
     tol = records[0].tol if records else None
-    if tol:
+    if tol and log:
         ax.axhline(tol, ls="--", lw=1, color="0.4", label=f"tol = {tol:g}")
     n_conv = sum(bool(r.converged) for r in records)
     n_div = sum(r.status == "diverged" for r in records)
-    ax.set_yscale("log")
+    n_stall = sum(r.status == "stalled" for r in records)
+    if log:
+        ax.set_yscale("log")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("V (function-space Lyapunov)")
+    ax.set_ylabel("V (function-space Lyapunov)" if log else "payoff (evaluation batch)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, title=f"{n_conv}/{len(records)} converged, {n_div} diverged", title_fontsize=8)
+    head = (f"{n_conv}/{len(records)} converged, " if log else "") + f"{n_div} diverged" + (
+        f", {n_stall} stalled" if n_stall else "")
+    ax.legend(fontsize=8, title=head, title_fontsize=8)
     ax.set_title(title or (f"{records[0].game} · {records[0].solver}" if records else ""), fontsize=10)
     return fig
 
@@ -289,22 +322,28 @@ def sweep_figure(records: Sequence[Result], title: str = "", boundary: float | N
 
 def save_batch(records: Sequence[Result], out: str | Path, *, plot: bool = True, title: str = "") -> Path:
     """``hcc solve --seeds``: ``seeds.csv`` (one row per seed), ``result.json`` (converged
-    fraction, summary and every instance's record) and ``lyapunov.png`` (:func:`batch_figure`)."""
+    fraction, summary and every instance's record), ``params.pt`` (every instance's final
+    iterate, in seed order) and ``lyapunov.png`` (:func:`batch_figure`; ``payoff.png`` for games
+    without V); every file atomically, ``result.json`` last."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = instance_rows(records)
-    write_rows(rows, out / "seeds.csv")
+    write_rows(instance_rows(records), out / "seeds.csv")
+    params = [r.params for r in records]
+    if all(p is not None for p in params):
+        params = [tree_map(lambda x: x.detach().cpu(), p) for p in params]
+        atomic_write(out / "params.pt", lambda tmp: torch.save(params, tmp))
+    if plot and records:
+        name = "lyapunov.png" if batch_metric(records) == "lyapunov" else "payoff.png"
+        save_figure(batch_figure(records, title), out / name, dpi=130)
     doc = {
         "instances": len(records),
         "converged_fraction": sum(bool(r.converged) for r in records) / max(len(records), 1),
         "diverged_fraction": sum(r.status == "diverged" for r in records) / max(len(records), 1),
+        "stalled_fraction": sum(r.status == "stalled" for r in records) / max(len(records), 1),
         "summary": summary_rows(records),
         "records": [r.to_dict() for r in records],
     }
-    (out / "result.json").write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
-    if plot and records and records[0].converged is not None:
-        fig = batch_figure(records, title)
-        fig.savefig(out / "lyapunov.png", dpi=130)
+    write_json(out / "result.json", "seeds", doc)
     return out
 
 
@@ -312,15 +351,16 @@ def save_sweep(records: Sequence[Result], out: str | Path, *, plot: bool = True,
                boundary: float | None = None, extra: dict[str, Any] | None = None) -> Path:
     """``hcc sweep``: ``sweep.csv`` (lr, seed, status, converged, steps_to_tol, final V per instance),
     ``summary.csv`` (:func:`summary_rows`), ``result.json`` (the summary, ``extra`` and every
-    instance's record without its history) and ``sweep.png`` (:func:`sweep_figure`)."""
+    instance's record without its history) and ``sweep.png`` (:func:`sweep_figure`); every file
+    atomically, ``result.json`` last."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_rows(instance_rows(records), out / "sweep.csv")
     summ = summary_rows(records)
     write_rows(summ, out / "summary.csv")
+    if plot and records:
+        save_figure(sweep_figure(records, title, boundary), out / "sweep.png", dpi=130)
     doc = {**(extra or {}), "summary": summ,
            "records": [{k: v for k, v in r.to_dict().items() if k != "history"} for r in records]}
-    (out / "result.json").write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
-    if plot and records:
-        sweep_figure(records, title, boundary).savefig(out / "sweep.png", dpi=130)
+    write_json(out / "result.json", "sweep", doc)
     return out

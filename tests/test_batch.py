@@ -111,7 +111,7 @@ def test_divergence_is_detected_per_instance():
     """Simultaneous GDA on a bilinear game diverges, faster for larger steps: each is masked at its own step."""
     lrs, seeds = (0.1, 0.8, 1.5), [0, 1, 2]
     games = _games("bilinear", {"dim": 2}, seeds)
-    kw = dict(steps=60, diverge_at=1e3)
+    kw = dict(steps=60, guard={"diverge_at": 1e3})
     records = solve_batch(games, hcc.make_solver("gda", games[0]), lrs=lrs, **kw)
     solos = [_solo("bilinear", "gda", {"dim": 2}, {}, s, h, **kw) for s, h in zip(seeds, lrs)]
     assert [r.status for r in solos] == ["max_steps", "diverged", "diverged"]

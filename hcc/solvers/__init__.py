@@ -146,6 +146,8 @@ def check_solver_name(name: str) -> str:
 
     Otherwise an :class:`~hcc.registry.OptionError` listing the valid choices.
     """
+    if not isinstance(name, str):
+        raise OptionError(f"solver: expected a name (str), got {type(name).__name__} {name!r}")
     if name not in SOLVERS and "+" in name:
         rule, _, precond = name.partition("+")
         RULES[rule], PRECONDITIONERS[precond]

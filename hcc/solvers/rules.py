@@ -217,7 +217,7 @@ class Hamiltonian(Rule):
 @dataclass
 class NSGDAOptions:
     normalize: Literal["player", "layer"] = opt("player", "normalize each player's direction, or each tensor")
-    eps: float = opt(1e-12, "added to the norm before dividing")
+    eps: float = opt(1e-12, "added to the norm before dividing (0: exact normalization)", domain="nonnegative")
 
 
 class NormalizedGDA(Rule):
@@ -252,7 +252,7 @@ class NormalizedGDA(Rule):
 class AdamOptions:
     beta1: float = opt(0.9, "Adam β₁ (first-moment decay)")
     beta2: float = opt(0.999, "Adam β₂ (second-moment decay)")
-    eps: float = opt(1e-8, "Adam ε")
+    eps: float = opt(1e-8, "Adam ε", domain="positive")
 
     def validate(self) -> None:
         for k in ("beta1", "beta2"):
