@@ -1065,13 +1065,17 @@ register_solver("eg+diag", SolverSpec(
     lr={"*": 0.3, "rps": 0.4, "matching-pennies": 0.18, "bilinear": 0.7, "gan": 0.05},
 ))
 # The natural proximal-point solvers with K-FAC / diagonal pull-backs (hcc.solvers.prox).
+# Ten preconditioned steps per pull-back: with one, a block-diagonal step realizes the target poorly where
+# many contexts couple the layers (rps n_support=64: 33 iterations at 3 steps, 10 at 10, exact: 3); the
+# cosine to the exact direction is not logged (it would cost an exact solve per inner step).
+_APPROX_PULLBACK = {"geometry": "logit", "pullback_steps": 10, "log_cosine": False}
 register_solver("kfac-natgrad", SolverSpec(
-    "prox", precond="kfac", precond_defaults={"geometry": "logit"}, lr={"*": 1.0},
-    summary="natural proximal point, K-FAC (KFLR) pull-back with an exact step-length fit",
+    "prox", precond="kfac", precond_defaults=_APPROX_PULLBACK, lr={"*": 1.0},
+    summary="natural proximal point, K-FAC (KFLR) pull-back: 10 preconditioned Gauss-Newton steps",
 ))
 register_solver("diag-natgrad", SolverSpec(
-    "prox", precond="diag", precond_defaults={"geometry": "logit"}, lr={"*": 1.0},
-    summary="natural proximal point, diagonal-GGN pull-back with an exact step-length fit",
+    "prox", precond="diag", precond_defaults=_APPROX_PULLBACK, lr={"*": 1.0},
+    summary="natural proximal point, diagonal-GGN pull-back: 10 preconditioned Gauss-Newton steps",
 ))
 
 __all__ = [
