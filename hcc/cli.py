@@ -642,6 +642,8 @@ def _solver_options_by_name(items: tuple[str, ...]) -> dict[str, dict[str, str]]
 @click.option("--quick", is_flag=True, help="Smoke run (about a minute): gauss-l0.1, rps, matching-pennies, "
                                              "1 instance each, two-point grids.")
 @click.option("--list", "list_families", is_flag=True, help="List the families and exit.")
+@click.option("--merge", "merge_dirs", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="Instead of running: merge saved runs of different families (repeatable) into one table.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder  [default: runs/suite-<time>]")
 @click.option("--quiet", "-q", is_flag=True, help="No per-run lines; the tables only.")
@@ -649,7 +651,7 @@ def suite_(
     families: str | None, solvers: str | None, baselines: str, grids: tuple[str, ...], solver_opt: tuple[str, ...],
     instances: int | None, tune_instances: int, dtypes: str, budget: int, tune_budget: int, tol: float, jobs: int,
     quick: bool,
-    list_families: bool, out: Path | None, quiet: bool,
+    list_families: bool, merge_dirs: tuple[Path, ...], out: Path | None, quiet: bool,
 ) -> None:
     """Benchmark suite: hidden matrix-game families with certified equilibria, every solver.
 
@@ -661,12 +663,20 @@ def suite_(
     \b
     $ hcc suite --quick
     $ hcc suite --families gauss-l0.1,rps --solvers exact-natgrad,eg+cg --baselines eg,acgd
+    $ hcc suite --merge runs/suite-rps --merge runs/suite-gauss -o runs/suite-all
     """
-    from .suite import DEFAULT_SOLVERS, FAMILIES, QUICK, parse_entries, run_suite
+    from .suite import DEFAULT_SOLVERS, FAMILIES, QUICK, SuiteResult, merge, parse_entries, run_suite
 
     if list_families:
         for name, fam in FAMILIES.items():
             click.echo(f"  {name:<18} {fam.game:<17} {fam.default_instances} instances  {fam.summary}")
+        return
+    if merge_dirs:
+        with _input_errors():
+            res = merge([SuiteResult.load(d) for d in merge_dirs])
+        if out is not None:
+            res.save(out)
+        click.echo(res.markdown() + (f"\n\noutput  {out}" if out is not None else ""))
         return
     started = time.strftime("%Y%m%d-%H%M%S")
     with _input_errors():

@@ -536,7 +536,9 @@ class SuiteResult:
             f"V <= {s['tol']:g} within {budget} steps; {sum(s['instances'].values())} instances (numbered from 0), "
             f"each in {' and '.join(s['dtypes'])}; step sizes of the baselines picked on {s['tune_instances']} "
             f"other instances per family (numbered from {TUNE_OFFSET}, float64, {s['tune_budget']} steps); "
-            f"wall-clock: time inside the steps (noisy on a shared machine). Suite time {self.wall_time_s:.0f} s.",
+            f"wall-clock: time inside the steps (noisy on a shared machine). Suite time {self.wall_time_s:.0f} s"
+            + (f" (in {len(s['families'])} runs merged; each family's solvers side by side in one run)."
+               if s.get("merged") else "."),
             f"\n### converged fraction within {budget} steps\n", table("converged_fraction"),
             f"\n### median iterations to V <= {s['tol']:g} (>{budget}: more than half did not converge)\n",
             table("median_iterations"),
@@ -572,6 +574,69 @@ class SuiteResult:
         payoffs = {f"{i.family}/{i.index}": i.options["payoff"] for i in self.instances if "payoff" in i.options}
         (out / "payoffs.json").write_text(json.dumps(payoffs, indent=0))
         return out
+
+
+    @classmethod
+    def load(cls, path: str | Path) -> SuiteResult:
+        """A saved suite run (its folder or its ``suite.json``)."""
+        p = Path(path)
+        f = p / "suite.json" if p.is_dir() else p
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise OptionError(f"{f}: expected a suite.json written by `hcc suite`, got {e}") from None
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise OptionError(f"{f}: expected schema_version {SCHEMA_VERSION}, got {data.get('schema_version')!r}")
+        pf = f.parent / "payoffs.json"
+        payoffs = json.loads(pf.read_text()) if pf.is_file() else {}
+        insts = []
+        for d in data["instances"]:
+            key = f"{d['family']}/{d['index']}"
+            opts = {"payoff": payoffs[key], **d["options"]} if key in payoffs else d["options"]
+            insts.append(Instance(**{**d, "options": opts}))
+        runs = [Run(**{**r, "V0": _nan_if_none(r["V0"]), "final_V": _inf_if_none(r["final_V"])})
+                for r in data["runs"]]
+        check = data.get("rps_check")
+        if check is not None:
+            check = {**check, "iterations": [_inf_if_none(x) for x in check["iterations"]],
+                     "median_iterations": _inf_if_none(check["median_iterations"]),
+                     "max_iterations": _inf_if_none(check["max_iterations"])}
+        return cls(data["settings"], insts, data["tuning"], runs, check, data["wall_time_s"])
+
+
+def merge(results: Sequence[SuiteResult]) -> SuiteResult:
+    """One result from suite runs of different families (e.g. one run per family); they must share the
+    step budget, the tolerance and the dtypes. Each family's solvers ran side by side in its own run."""
+    if not results:
+        raise OptionError("merge: expected at least one suite result, got none")
+    first = results[0].settings
+    settings = {**first, "families": [], "instances": {}, "solvers": [], "merged": len(results) > 1}
+    out = SuiteResult(settings, [], {}, [])
+    for r in results:
+        for key in ("budget", "tol", "dtypes"):
+            if r.settings[key] != first[key]:
+                raise OptionError(f"merge: expected the same {key} in every run, got {first[key]} and "
+                                  f"{r.settings[key]}")
+        dup = set(r.settings["families"]) & set(settings["families"])
+        if dup:
+            raise OptionError(f"merge: expected each family in one run, got {sorted(dup)} twice")
+        settings["families"] += r.settings["families"]
+        settings["instances"].update(r.settings["instances"])
+        settings["solvers"] += [s for s in r.settings["solvers"] if s not in settings["solvers"]]
+        out.instances += r.instances
+        out.runs += r.runs
+        out.tuning.update(r.tuning)
+        out.rps_check = r.rps_check or out.rps_check
+        out.wall_time_s += r.wall_time_s
+    return out
+
+
+def _inf_if_none(x: float | None) -> float:
+    return math.inf if x is None else float(x)
+
+
+def _nan_if_none(x: float | None) -> float:
+    return math.nan if x is None else float(x)
 
 
 def _summary_row(family: str, dtype: str, solver: str, runs: list[Run]) -> dict[str, Any]:
@@ -769,6 +834,6 @@ def _stderr(line: str) -> None:
 
 __all__ = [
     "ACGD", "BASELINE_GRIDS", "BUDGET", "DEFAULT_SOLVERS", "FAMILIES", "QUICK", "TOL", "TUNE_BUDGET", "Entry", "Family",
-    "Instance", "Run", "SuiteResult", "cgds_available", "nashpy_crosscheck", "parse_entries", "payoff_text",
+    "Instance", "Run", "SuiteResult", "cgds_available", "merge", "nashpy_crosscheck", "parse_entries", "payoff_text",
     "rps_check", "run_entry", "run_family", "run_suite", "tune",
 ]

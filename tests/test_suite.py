@@ -22,6 +22,7 @@ from hcc.suite import (
     SuiteResult,
     cgds_available,
     cyclic,
+    merge,
     parse_entries,
     run_suite,
     with_dominated,
@@ -124,6 +125,12 @@ def test_runner_on_a_tiny_configuration(tmp_path):
     data = json.loads((out / "suite.json").read_text())
     assert data["schema_version"] == 1 and len(data["runs"]) == 6
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 6
+    # a saved run reloads to the same tables; merging needs distinct families
+    loaded = SuiteResult.load(out)
+    assert loaded.markdown() == md and loaded.instances[0].options == res.instances[0].options
+    assert merge([loaded]).markdown() == md
+    with pytest.raises(OptionError, match=r"\['matching-pennies'\] twice"):
+        merge([loaded, loaded])
 
 
 def test_entries_check_names_and_grids():
@@ -150,6 +157,9 @@ def test_cli_suite(tmp_path):
     assert "### converged fraction within 100 steps" in res.stdout
     for f in ("table.md", "summary.csv", "runs.csv", "runs.jsonl", "suite.json"):
         assert (out / f).is_file(), f
+    merged = hcc_cli("suite", "--merge", out, "-o", tmp_path / "m")
+    assert merged.exit_code == 0 and (tmp_path / "m" / "table.md").read_text() == (out / "table.md").read_text()
+    assert_one_line_error(hcc_cli("suite", "--merge", tmp_path / "nothing"), "expected a suite.json")
     listing = hcc_cli("suite", "--list")
     assert listing.exit_code == 0 and all(name in listing.stdout for name in FAMILIES)
     assert_one_line_error(hcc_cli("suite", "-f", "nope", "-o", tmp_path / "x"), "unknown family 'nope'")
