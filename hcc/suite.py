@@ -486,9 +486,9 @@ class SuiteResult:
         allrow = next(r for r in rows if r["family"] == "all" and r["solver"] == best)
         frac = allrow["converged_fraction"]
         out = [f"best hcc solver at its defaults: {best}",
-               f"{_met(frac >= 0.95)} {best} converges on {100 * frac:.1f}% of {allrow['runs']} instance runs within "
-               f"{budget} steps (target >= 95%" + ("" if frac >= 0.95 else f", short by {100 * (0.95 - frac):.1f} "
-                                                   "points") + ")"]
+               f"{_met(frac >= 0.95)} {best} converges on {100 * frac:.1f}% of {allrow['runs']} runs (instances x "
+               f"dtypes) within {budget} steps (target >= 95%"
+               + ("" if frac >= 0.95 else f", short by {100 * (0.95 - frac):.1f} points") + ")"]
         peer = Entry(ACGD, grid="").label
         per = {(r["family"], r["dtype"], r["solver"]): r for r in rows if r["family"] != "all"}
         keys = sorted({(f, d) for f, d, s in per if s == peer and (f, d, best) in per})
@@ -502,8 +502,8 @@ class SuiteResult:
                 if not (math.isfinite(a) and a <= b):
                     misses.append(f"{f} {d}: {_fmt(a, col, budget)} vs {_fmt(b, col, budget)}"
                                   + (f" ({a / b:.2f}x)" if math.isfinite(a) and math.isfinite(b) else ""))
-            out.append(f"{_met(not misses)} {what} <= ACGD's on {len(keys) - len(misses)}/{len(keys)} families"
-                       + (f"; missed: {'; '.join(misses)}" if misses else ""))
+            out.append(f"{_met(not misses)} {what} <= ACGD's on {len(keys) - len(misses)}/{len(keys)} family x dtype "
+                       "rows" + (f"; missed: {'; '.join(misses)}" if misses else ""))
         if self.rps_check is not None:
             c = self.rps_check
             ok = c["median_iterations"] <= 10
@@ -534,7 +534,7 @@ class SuiteResult:
         parts = [
             f"hcc {s['versions']['hcc']}, torch {s['versions']['torch']}, {s['threads']} thread(s), CPU; "
             f"V <= {s['tol']:g} within {budget} steps; {sum(s['instances'].values())} instances (numbered from 0), "
-            f"each in {' and '.join(s['dtypes'])}; step sizes of the baselines picked on {s['tune_instances']} "
+            f"dtypes {', '.join(s['dtypes'])}; step sizes of the baselines picked on {s['tune_instances']} "
             f"other instances per family (numbered from {TUNE_OFFSET}, float64, {s['tune_budget']} steps); "
             f"wall-clock: time inside the steps (noisy on a shared machine). Suite time {self.wall_time_s:.0f} s"
             + (f" (in {len(s['families'])} runs merged; each family's solvers side by side in one run)."
@@ -606,14 +606,14 @@ class SuiteResult:
 
 def merge(results: Sequence[SuiteResult]) -> SuiteResult:
     """One result from suite runs of different families (e.g. one run per family); they must share the
-    step budget, the tolerance and the dtypes. Each family's solvers ran side by side in its own run."""
+    step budget and the tolerance. Each family's solvers ran side by side in its own run."""
     if not results:
         raise OptionError("merge: expected at least one suite result, got none")
     first = results[0].settings
     settings = {**first, "families": [], "instances": {}, "solvers": [], "merged": len(results) > 1}
     out = SuiteResult(settings, [], {}, [])
     for r in results:
-        for key in ("budget", "tol", "dtypes"):
+        for key in ("budget", "tol"):
             if r.settings[key] != first[key]:
                 raise OptionError(f"merge: expected the same {key} in every run, got {first[key]} and "
                                   f"{r.settings[key]}")
@@ -621,6 +621,7 @@ def merge(results: Sequence[SuiteResult]) -> SuiteResult:
         if dup:
             raise OptionError(f"merge: expected each family in one run, got {sorted(dup)} twice")
         settings["families"] += r.settings["families"]
+        settings["dtypes"] = list(dict.fromkeys(settings["dtypes"] + r.settings["dtypes"]))
         settings["instances"].update(r.settings["instances"])
         settings["solvers"] += [s for s in r.settings["solvers"] if s not in settings["solvers"]]
         out.instances += r.instances
