@@ -839,6 +839,117 @@ _BODIES: dict[str, Callable[[dict[str, Any], Path, Checkpoint, bool], int]] = {
 }
 
 
+# -- hcc suite --------------------------------------------------------------------------------
+
+
+def _names(text: str, what: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names and what != "--baselines":
+        raise OptionError(f"{what}: expected a comma-separated list of names, got {text!r}")
+    return names
+
+
+def _solver_options_by_name(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``NAME:KEY=VALUE`` items → ``{NAME: {KEY: VALUE}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        name, sep, kv = item.partition(":")
+        if not sep or "=" not in kv:
+            raise OptionError(f"--solver-opt: expected NAME:KEY=VALUE (e.g. cg-natgrad:maxiter=20), got {item!r}")
+        out.setdefault(name.strip(), {}).update(parse_key_values([kv]))
+    return out
+
+
+@main.command(name="suite")
+@click.option("--families", "-f", default=None, metavar="A,B,..",
+              help="Families to run  [default: all; --list shows them]")
+@click.option("--solvers", "-s", default=None, metavar="A,B,..",
+              help="hcc solvers run at their defaults, named or RULE+PRECOND  [default: exact-natgrad,cg-natgrad,"
+                   "kfac-natgrad]")
+@click.option("--baselines", "-b", default="eg,consensus,acgd", show_default=True, metavar="A,B,..",
+              help="Solvers whose step size is picked per family on tuning instances (acgd: CGDs' ACGD); '' for none.")
+@click.option("--grid", "grids", multiple=True, metavar="NAME=GRID",
+              help="A baseline's step-size grid: factors of its default (eg=x0.5,x1,x2) or absolute (acgd=0.01,0.1).")
+@click.option("--solver-opt", "-S", multiple=True, metavar="NAME:KEY=VALUE", help="A solver's option (repeatable).")
+@click.option("--instances", type=int, default=None,
+              help="Instances per family  [default: each of the family's variants once, at least 3]")
+@click.option("--tune-instances", type=int, default=2, show_default=True,
+              help="Instances per family on which the baselines' step sizes are picked (never measured).")
+@click.option("--dtypes", default="float64,float32", show_default=True, help="Comma-separated dtypes.")
+@click.option("--budget", type=int, default=1000, show_default=True, help="Steps per run.")
+@click.option("--tune-budget", type=int, default=300, show_default=True,
+              help="Steps per tuning run (pick: fewest median steps to tol, else the smallest median final V).")
+@click.option("--tol", type=float, default=1e-6, show_default=True, help="A run converged when V <= tol.")
+@click.option("--jobs", "-j", type=int, default=1, show_default=True,
+              help="Families run in this many processes (their wall-clocks then share the machine).")
+@click.option("--quick", is_flag=True, help="Smoke run (about a minute): gauss-l0.1, rps, matching-pennies, "
+                                             "1 instance each, two-point grids.")
+@click.option("--list", "list_families", is_flag=True, help="List the families and exit.")
+@click.option("--merge", "merge_dirs", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="Instead of running: merge saved runs of different families (repeatable) into one table.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder  [default: runs/suite-<time>]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (only hcc's own files).")
+@click.option("--quiet", "-q", is_flag=True, help="No per-run lines; the tables only.")
+def suite_(
+    families: str | None, solvers: str | None, baselines: str, grids: tuple[str, ...], solver_opt: tuple[str, ...],
+    instances: int | None, tune_instances: int, dtypes: str, budget: int, tune_budget: int, tol: float, jobs: int,
+    quick: bool,
+    list_families: bool, merge_dirs: tuple[Path, ...], out: Path | None, overwrite: bool, quiet: bool,
+) -> None:
+    """Benchmark suite: hidden matrix-game families with certified equilibria, every solver.
+
+    Per family x dtype x solver: the fraction of instances with V <= tol within --budget
+    steps, median iterations and wall-clock to V <= tol, median final V; the best hcc
+    solver at its defaults against ACGD (targets). Writes table.md, summary.csv,
+    runs.csv (one row per run), runs.jsonl (streamed), suite.json and payoffs.json.
+
+    \b
+    $ hcc suite --quick
+    $ hcc suite --families gauss-l0.1,rps --solvers exact-natgrad,eg+cg --baselines eg,acgd
+    $ hcc suite --merge runs/suite-rps --merge runs/suite-gauss -o runs/suite-all
+    """
+    from .suite import DEFAULT_SOLVERS, FAMILIES, QUICK, SuiteResult, merge, parse_entries, run_suite
+
+    if list_families:
+        for name, fam in FAMILIES.items():
+            click.echo(f"  {name:<18} {fam.game:<17} {fam.default_instances} instances  {fam.summary}")
+        return
+    if merge_dirs:
+        with _input_errors():
+            res = merge([SuiteResult.load(d) for d in merge_dirs])
+        if out is not None:
+            with _input_errors():
+                out = prepare_out(out, default_root=Path("runs"), default_stem="suite", overwrite=overwrite)
+            res.save(out)
+        click.echo(res.markdown() + (f"\n\noutput  {out}" if out is not None else ""))
+        return
+    started = time.strftime("%Y%m%d-%H%M%S")
+    with _input_errors():
+        for name, val in (("--instances", instances), ("--tune-instances", tune_instances), ("--budget", budget),
+                          ("--tune-budget", tune_budget), ("--tol", tol)):
+            check_positive(name, val)
+        fams = _names(families, "--families") if families else list(QUICK["families"] if quick else FAMILIES)
+        for f in fams:
+            FAMILIES[f]
+        grid_map = dict(QUICK["grids"]) if quick else {}
+        grid_map.update(parse_key_values(grids))
+        kwargs: dict[str, Any] = {
+            "solvers": _names(solvers, "--solvers") if solvers else list(DEFAULT_SOLVERS),
+            "baselines": _names(baselines, "--baselines"), "grids": grid_map,
+            "solver_options": _solver_options_by_name(solver_opt), "dtypes": _names(dtypes, "--dtypes"),
+            "budget": budget, "tune_budget": tune_budget, "tol": tol, "jobs": jobs,
+            "tune_instances": QUICK["tune_instances"] if quick else tune_instances,
+            "instances": instances if instances is not None else QUICK["instances"] if quick else None,
+        }
+        parse_entries(kwargs["solvers"], kwargs["baselines"], grid_map, kwargs["solver_options"])  # before any output
+        out = prepare_out(out, default_root=Path("runs"), default_stem=f"suite-{started}", overwrite=overwrite)
+        res = run_suite(fams, progress=None if quiet else lambda line: click.echo(line, err=True),
+                        stream=out / "runs.jsonl", **kwargs)
+    res.save(out)
+    click.echo(res.markdown() + f"\n\noutput  {out}")
+
+
 # -- hcc list ---------------------------------------------------------------------------------
 
 _SECTIONS = ("games", "solvers", "rules", "preconditioners")

@@ -9,9 +9,10 @@ with ``F_θ = softmax(MLP_θ(x))`` over the min player's ``m`` actions and
 With ``n_support > 1`` each player plays one mixed strategy per support point
 (a contextual policy); the equilibrium is the same at every point.
 
-The function-space equilibrium is computed, not assumed
-(:func:`~hcc.games.simplex.solve_matrix_game`); for rock-paper-scissors
-(Mladenovic, Sakos & Piliouras; ``λ = 0.1``) it is uniform for both players.
+The function-space equilibrium is computed, not assumed, exact to round-off and
+certified (:func:`~hcc.games.equilibrium.certified_equilibrium`; the record is
+:attr:`MatrixGame.certificate`); for rock-paper-scissors (Mladenovic, Sakos &
+Piliouras; ``λ = 0.1``) it is uniform for both players, in closed form.
 
 With ``param="functional"`` each player's parameters are its mixed strategies on the
 support (:class:`~hcc.games.maps.Tabular`, one point of ``Δ`` per support point,
@@ -33,13 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..registry import OptionError, opt
 from .base import Batch, Game, seeded
+from .equilibrium import Certificate, CertificationError, Equilibrium, certified_equilibrium
 from .maps import mlp, tabulate
-from .simplex import matrix_game_gap, solve_matrix_game
+from .simplex import matrix_game_gap
 
 RPS_MATRIX = [[0.0, 1.0, -1.0], [-1.0, 0.0, 1.0], [1.0, -1.0, 0.0]]
 
@@ -47,10 +50,13 @@ RPS_MATRIX = [[0.0, 1.0, -1.0], [-1.0, 0.0, 1.0], [1.0, -1.0, 0.0]]
 def parse_payoff(spec: str) -> list[list[float]]:
     """A payoff matrix from a CSV file path or inline ``"a,b;c,d"`` rows.
 
+    Text with a ``;`` or a ``,`` is inline rows (never looked up as a file: an inline matrix
+    may be longer than a file name may be); write numbers with ``repr`` to keep float64.
     Raises :class:`OptionError` on ragged rows, non-numbers or an empty matrix.
     """
     path = Path(spec)
-    if path.suffix.lower() in (".csv", ".txt") or path.exists():
+    inline = ";" in spec or "," in spec
+    if not inline and (path.suffix.lower() in (".csv", ".txt") or path.exists()):
         if not path.exists():
             raise OptionError(f"payoff: expected a CSV file or inline rows 'a,b;c,d', got missing file {spec!r}")
         rows = [r for r in csv.reader(io.StringIO(_read_payoff_file(path))) if any(c.strip() for c in r)]
@@ -147,7 +153,10 @@ class MatrixGame(Game):
         if o.param == "functional":  # the strategies themselves, starting where the networks start
             self.min_map = tabulate(self.min_map, self.x_min, "simplex")
             self.max_map = tabulate(self.max_map, self.x_max, "simplex")
-        Fs, Gs = self.solve_equilibrium(M, o.lam)
+        eq = self.solve_equilibrium(M.numpy(), o.lam)
+        #: how ``(F*, G*)`` was obtained and checked
+        self.certificate: Certificate = eq.certificate
+        Fs, Gs = torch.from_numpy(eq.F), torch.from_numpy(eq.G)
         self.register_buffer("M", M.float())
         self.register_buffer("F_star", Fs.float())
         self.register_buffer("G_star", Gs.float())
@@ -155,8 +164,11 @@ class MatrixGame(Game):
         self._exact = (M, Fs, Gs)
 
     @staticmethod
-    def solve_equilibrium(M: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-        return solve_matrix_game(M, lam)
+    def solve_equilibrium(M: np.ndarray, lam: float) -> Equilibrium:
+        try:
+            return certified_equilibrium(M, lam)
+        except CertificationError as e:
+            raise OptionError(f"payoff: expected a game whose equilibrium can be certified, got {e}") from None
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         super()._apply(fn, recurse)
@@ -225,6 +237,9 @@ class RPS(MatrixGame):
         self.options = options  # type: ignore[assignment]
 
     @staticmethod
-    def solve_equilibrium(M: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-        u = torch.full((3,), 1.0 / 3, dtype=torch.float64)  # closed form: uniform, for every λ ≥ 0
-        return u, u.clone()
+    def solve_equilibrium(M: np.ndarray, lam: float) -> Equilibrium:
+        """Closed form: uniform for every ``λ ≥ 0`` (``Mu = 0``, the regularizer's centre)."""
+        u = np.full(3, 1.0 / 3)
+        cert = Certificate("closed form (uniform)", lam, (3, 3), (3, 3), 0.0, 1.0 / 3, 0.0 if lam > 0 else None, True,
+                           "rock-paper-scissors: fully mixed, nonsingular kernel")
+        return Equilibrium(u, u.copy(), 0.0, cert)

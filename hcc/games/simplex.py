@@ -8,9 +8,7 @@ projections onto the simplex (Duchi et al., 2008).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from scipy.optimize import linprog
 from torch import Tensor
 
 
@@ -61,53 +59,15 @@ def matrix_game_gap(F: Tensor, G: Tensor, M: Tensor, lam: float) -> Tensor:
     return (best_max - best_min).mean()
 
 
-def solve_matrix_game(M: Tensor, lam: float, tol: float = 1e-13, max_iter: int = 200_000) -> tuple[Tensor, Tensor]:
-    """The function-space equilibrium ``(F*, G*)`` of the regularized matrix game.
+def solve_matrix_game(M: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """The function-space equilibrium ``(F*, G*)`` of the regularized matrix game, in float64.
 
-    ``λ = 0``: the two linear programs of a zero-sum matrix game (scipy HiGHS); the
-    returned point is *an* equilibrium (the set may not be a singleton).
-    ``λ > 0``: projected extragradient in float64 (Korpelevich 1976) with step
-    ``1/(2(‖M‖₂ + λ))``, which converges linearly for the strongly monotone
-    operator, run until the duality gap is below ``tol``.
+    Exact to round-off and certified (:func:`~hcc.games.equilibrium.certified_equilibrium`:
+    Lemke's method and a KKT solve on the support for ``λ > 0``, linear programs refined on
+    the support for ``λ = 0``, where the returned point is *an* equilibrium if the set is
+    not a singleton).
     """
-    Md = M.detach().to(torch.float64).cpu()
-    m, k = Md.shape
-    if lam == 0:
-        F, G = _lp_equilibrium(Md.numpy())
-        return torch.from_numpy(F), torch.from_numpy(G)
-    F = torch.full((1, m), 1.0 / m, dtype=torch.float64)
-    G = torch.full((1, k), 1.0 / k, dtype=torch.float64)
-    uF, uG = F.clone(), G.clone()
-    h = 1.0 / (2 * (torch.linalg.matrix_norm(Md, 2).item() + lam))
+    from .equilibrium import certified_equilibrium  # it projects with project_simplex from here
 
-    def field(F: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
-        return G @ Md.T + lam * (F - uF), -(F @ Md) + lam * (G - uG)
-
-    for _ in range(max_iter):
-        gF, gG = field(F, G)
-        Fh, Gh = project_simplex(F - h * gF), project_simplex(G - h * gG)
-        gF, gG = field(Fh, Gh)
-        F, G = project_simplex(F - h * gF), project_simplex(G - h * gG)
-        if matrix_game_gap(F, G, Md, lam).item() <= tol:
-            break
-    return F[0], G[0]
-
-
-def _lp_equilibrium(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Minimax strategies of ``min_F max_G FᵀMG`` by linear programming."""
-    m, k = M.shape
-    # min player: min v s.t. (FᵀM)_j ≤ v ∀j, F ∈ Δ_m.  Variables (F, v).
-    c = np.r_[np.zeros(m), 1.0]
-    A_ub = np.c_[M.T, -np.ones(k)]
-    A_eq = np.r_[np.ones(m), 0.0][None]
-    r1 = linprog(c, A_ub=A_ub, b_ub=np.zeros(k), A_eq=A_eq, b_eq=[1.0],
-                 bounds=[(0, None)] * m + [(None, None)], method="highs")
-    # max player: max w s.t. (MG)_i ≥ w ∀i, G ∈ Δ_k.
-    c2 = np.r_[np.zeros(k), -1.0]
-    A_ub2 = np.c_[-M, np.ones(m)]
-    A_eq2 = np.r_[np.ones(k), 0.0][None]
-    r2 = linprog(c2, A_ub=A_ub2, b_ub=np.zeros(m), A_eq=A_eq2, b_eq=[1.0],
-                 bounds=[(0, None)] * k + [(None, None)], method="highs")
-    if not (r1.success and r2.success):
-        raise RuntimeError(f"linear program failed: {r1.message} / {r2.message}")
-    return r1.x[:m], r2.x[:k]
+    eq = certified_equilibrium(M.detach().to(torch.float64).cpu().numpy(), lam)
+    return torch.from_numpy(eq.F), torch.from_numpy(eq.G)
