@@ -16,9 +16,9 @@ import torch
 from torch.func import jacrev, vmap
 
 import hcc
+from hcc.games.equilibrium import lp_equilibrium
 from hcc.games.maps import MaskedSoftmax, masked_policy
 from hcc.games.sequence_form import RealizationMap, Treeplex, TreeplexIndex, realization_inputs, solve_lp
-from hcc.games.simplex import _lp_equilibrium
 from hcc.registry import OptionError
 
 # Player x: infoset 0 (actions 0, 1 legal of K = 3); after (0, 0) infoset 1 (actions 0, 2); after
@@ -92,7 +92,7 @@ def test_lp_value_is_the_reduced_normal_form_value():
     A = rng.normal(size=(tx.n_sequences, ty.n_sequences))
     v, x, y = solve_lp(A, tx, ty)
     M = pure_plans(tx) @ A @ pure_plans(ty).T  # the row player maximizes
-    F, G = _lp_equilibrium(-M)  # min over rows of −M
+    F, G = lp_equilibrium(-M)  # min over rows of −M
     assert abs(v - F @ M @ G) < 1e-9
     ix, iy = TreeplexIndex(tx), TreeplexIndex(ty)
     # x is a max-min plan: its worst case is v; y's best case for the maximizer is v
