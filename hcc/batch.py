@@ -75,7 +75,7 @@ from .checkpoint import Checkpoint, global_rng_state, set_global_rng_state
 from .device import resolve_device, resolve_dtype
 from .games import Game, Params, make_game
 from .registry import OptionError, check_positive, check_seed
-from .run import GuardOptions, Result, _Stall, _stall_message, guard_options
+from .run import GuardOptions, Result, _Stall, _stall_message, guard_options, solve
 from .solvers import Solver, make_solver
 from .solvers.natural import CG, Exact
 from .solvers.oracle import vector_field
@@ -135,6 +135,8 @@ def _sq_norm_rows(tree: Any) -> Tensor:
 
 def untraceable(solver: Solver) -> str | None:
     """Why :mod:`torch.func` transforms (``vmap``, ``jacfwd``) cannot trace ``solver``'s step, or ``None``."""
+    if solver.rule.untraceable:
+        return solver.rule.untraceable
     pre = solver.precond
     if isinstance(pre, Exact) and pre.options.backend == "backpack":
         return ("BackPACK's BatchGrad Jacobians are computed with module hooks, which torch.func transforms (vmap, "
@@ -490,6 +492,11 @@ def _run_chunk(spec: dict[str, Any], checkpoint: Checkpoint | None = None) -> li
                                  dtype=spec["dtype"])
         games.append(cache[s])
     solver = make_solver(spec["solver"], games[0], lr=spec["lrs"][0], options=spec["solver_options"])
+    if untraceable(solver) is not None:  # one by one (run_batch makes such chunks one instance long)
+        return [solve(g, make_solver(spec["solver"], g, lr=h, options=spec["solver_options"]), steps=spec["steps"],
+                      tol=spec["tol"], seed=s, log_every=spec["log_every"], stop_at_tol=spec["stop_at_tol"],
+                      guard=spec["guard"], checkpoint=checkpoint)
+                for g, h, s in zip(games, spec["lrs"], spec["seeds"], strict=True)]
     return solve_batch(games, solver, lrs=spec["lrs"], seeds=spec["seeds"], steps=spec["steps"], tol=spec["tol"],
                        log_every=spec["log_every"], stop_at_tol=spec["stop_at_tol"], guard=spec["guard"],
                        checkpoint=checkpoint)
@@ -546,9 +553,10 @@ def run_batch(
     if lrs is None:
         lrs = make_solver(solver, first, options=solver_options).lr
     lr_list = _lr_list(lrs, 0.0, K)
-    batchable_solver(make_solver(solver, first, lr=lr_list[0], options=solver_options))
+    # a solver torch.func cannot trace runs its instances one by one with hcc.solve (chunks of one instance)
+    sequential = untraceable(make_solver(solver, first, lr=lr_list[0], options=solver_options)) is not None
     guard = dataclasses.asdict(guard_options(guard))
-    size = K if chunk is None else int(chunk)
+    size = 1 if sequential else K if chunk is None else int(chunk)
     specs = [
         dict(game=game, solver=solver, seeds=seeds[a : a + size], lrs=lr_list[a : a + size],
              game_options=dict(game_options or {}), solver_options=dict(solver_options or {}), steps=steps, tol=tol,

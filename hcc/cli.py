@@ -33,7 +33,6 @@ import click
 import torch
 
 from . import __version__
-from .batch import batchable_solver
 from .checkpoint import DEFAULT_EVERY, EXIT_INTERRUPTED, Checkpoint, Interrupted
 from .device import DTYPES
 from .games import GAMES, Params, make_game
@@ -247,13 +246,11 @@ def _guard(items: tuple[str, ...]) -> dict[str, Any]:
 
 def _check_build(game: str, solver: str | None, game_options: Mapping[str, Any], *, seed: int = 0,
                  solver_options: Mapping[str, Any] | None = None, lr: float | None = None, device: str = "cpu",
-                 dtype: str = "float64", batched: bool = False) -> None:
+                 dtype: str = "float64") -> None:
     """Build the game (and solver) once, so bad options fail before the output folder is touched."""
     g = make_game(game, dict(game_options), seed=seed, device=device, dtype=dtype)
     if solver is not None:
-        s = make_solver(solver, g, lr=lr, options=dict(solver_options or {}))
-        if batched:
-            batchable_solver(s)
+        make_solver(solver, g, lr=lr, options=dict(solver_options or {}))
 
 
 # -- hcc solve --------------------------------------------------------------------------------
@@ -315,7 +312,7 @@ def solve(
                     dtype=dtype, game_options=game_options, solver_options=solver_options, log_every=log_every,
                     stop_at_tol=not no_stop_at_tol, guard=_guard(guard))
         _check_build(game, solver, game_options, seed=seed, solver_options=solver_options, lr=lr, device=device,
-                     dtype=dtype, batched=seeds != 1)
+                     dtype=dtype)
     stem = f"{game}-{solver}" + (f"-seeds{seeds}" if seeds != 1 else "") + f"-{time.strftime('%Y%m%d-%H%M%S')}"
     _launch("solve", args, out, stem=stem, overwrite=overwrite, resume=resume, every=checkpoint_every, quiet=quiet)
 
@@ -766,7 +763,7 @@ def sweep_(
                     tol=tol, backend=backend, chunk=chunk, threads=threads, device=device, dtype=dtype,
                     game_options=game_options, solver_options=solver_options, boundary=boundary, guard=_guard(guard))
         _check_build(game, solver, game_options, seed=seed, solver_options=solver_options, lr=lr_list[0],
-                     device=device, dtype=dtype, batched=True)
+                     device=device, dtype=dtype)
     stem = f"sweep-{game}-{solver}-{time.strftime('%Y%m%d-%H%M%S')}"
     _launch("sweep", args, out, stem=stem, overwrite=overwrite, resume=resume, every=checkpoint_every, quiet=quiet)
 

@@ -267,6 +267,8 @@ class Prox(Rule):
     name = "prox"
     Options = ProxOptions
     lr_scales_with_game = False
+    untraceable = ("the proximal rule's Newton solve and damping control branch on data, which torch.func "
+                   "transforms (vmap, jacfwd) cannot trace")
 
     def check_game(self, game: Any) -> None:  # noqa: D102
         why = has_function_space(game)

@@ -31,6 +31,9 @@ class Rule:
     #: whether a default step size is multiplied by :attr:`Game.lr_scale` (False for rules whose
     #: ``lr`` is not a step along the game's field, e.g. the Gauss-Newton fraction of ``prox``)
     lr_scales_with_game: ClassVar[bool] = True
+    #: why torch.func transforms (vmap, jacfwd) cannot trace the rule's step ('' if they can): data-dependent
+    #: control flow. Such solvers run batches one instance at a time and have no spectrum.
+    untraceable: ClassVar[str] = ""
 
     def __init__(self, options: Any) -> None:
         self.options = options
