@@ -17,18 +17,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 import hcc
+from hcc.curvature.diag import ggn_diagonal
+from hcc.curvature.heads import output_factor as output_sqrt_factor
+from hcc.curvature.kfac import kronecker_factors
+from hcc.curvature.layers import analyze_map, dense_metric
 from hcc.games.base import Batch, Game
 from hcc.registry import OptionError
 from hcc.solvers import PRECONDITIONERS, SOLVERS, make_solver
-from hcc.solvers.kfac import (
-    KFAC,
-    DiagGGN,
-    analyze_map,
-    dense_metric,
-    ggn_diagonal,
-    kronecker_factors,
-    output_sqrt_factor,
-)
+from hcc.solvers.kfac import KFAC, DiagGGN
 
 DT = torch.float64
 TOL = 1e-10
