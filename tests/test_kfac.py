@@ -641,3 +641,73 @@ def test_wide_network_converges_with_stale_inverses() -> None:
     res = hcc.run("rps", "eg+kfac", game_options={"width": 320}, steps=100, log_every=100,
                   solver_options={"refresh": 2})
     assert res.converged and res.steps_to_tol <= 40, res.message
+
+
+# -- beyond MLPs; checkpointed state --------------------------------------------------------------------
+
+
+class _Residual(nn.Module):
+    """LayerNorm inside a residual block: K-FAC blocks for its linear layers, a dense block for the norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.norm, self.out = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm(self.inp(x))
+        return self.out(h + torch.tanh(h))
+
+
+def conv_game() -> ToyGame:
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3, stride=2), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(8, 3), nn.Softmax(-1))
+    res = nn.Sequential(_Residual(), nn.Softmax(-1))
+    gen = torch.Generator().manual_seed(13)
+    return ToyGame(conv, res, torch.randn(4, 1, 5, 5, generator=gen), torch.randn(4, 4, generator=gen)).to(DT)
+
+
+@pytest.mark.parametrize("cls", [KFAC, DiagGGN])
+def test_conv_and_layernorm_maps_in_a_step(cls) -> None:
+    """A conv map (BackPACK where ``auto`` allows) and a LayerNorm residual map (autograd hooks):
+    the direction is the same with either backend and finite, and the logged cosine is the one to
+    the exact ``A⁺v``."""
+    game = conv_game()
+    params = game.init_params()
+    batch = game.sample_batch()
+    vec = hcc.solvers.vector_field(game, params, batch)
+    out = {}
+    for backend in ("auto", "torch"):
+        pre = cls(cls.Options(backend=backend))
+        out[backend], _, info = pre.apply(game, params, batch, vec, pre.init(game, params), (0, 1))
+    for i in (0, 1):
+        assert torch.allclose(flat(out["auto"][i]), flat(out["torch"][i]), atol=1e-12, rtol=1e-10)
+        assert all(bool(torch.isfinite(t).all()) for t in out["auto"][i].values())
+    xs = game.supports(params, batch)
+    for i, tag in enumerate(("theta", "phi")):  # the logged cosine: against a dense A⁺v built here
+        A = reference_metric(game.maps()[i], params[i], xs[i], "l2")
+        exact = torch.linalg.pinv(A, rtol=1e-10, hermitian=True) @ flat(vec[i])
+        u = flat(out["torch"][i])
+        assert info[f"cos_exact_{tag}"] == pytest.approx(float(u @ exact / (u.norm() * exact.norm())), abs=1e-7)
+
+
+@pytest.mark.parametrize("cls,opts", [(KFAC, {}), (KFAC, {"damping_split": "eigen"}), (DiagGGN, {})])
+def test_state_survives_a_checkpoint(cls, opts, tmp_path) -> None:
+    """The state is a plain pytree: saved as a checkpoint does it (``torch.load(weights_only=True)``,
+    named tuples back as tuples) and resumed, the next directions are the same."""
+    from hcc.checkpoint import _plain
+
+    game = conv_game()
+    params = game.init_params()
+    batch = game.sample_batch()
+    vec = hcc.solvers.vector_field(game, params, batch)
+    pre = cls(cls.Options(decay=0.5, refresh=2, **opts))
+    _, state, _ = pre.apply(game, params, batch, vec, pre.init(game, params), (0, 1))
+    torch.save(_plain(state), tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    for t in (1, 2):  # a stale inverse, then a refresh averaging the restored statistics
+        moved = _drift(params, t)
+        d_a, state, _ = pre.apply(game, moved, batch, vec, state, (0, 1))
+        d_b, loaded, _ = pre.apply(game, moved, batch, vec, loaded, (0, 1))
+        for i in (0, 1):
+            assert torch.equal(flat(d_a[i]), flat(d_b[i])), (t, i)

@@ -45,7 +45,7 @@ REST = "(rest)"
 
 # Modules the BackPACK extensions handle (KFLR/KFAC: the HBP table; DiagGGN: more activations).
 HBP_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Tanh, nn.ReLU, nn.Sigmoid, nn.Identity,
-                                            nn.Flatten, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.ZeroPad2d)
+                                            nn.Flatten, nn.Dropout, nn.MaxPool2d, nn.ZeroPad2d)
 DIAG_MODULES: tuple[type[nn.Module], ...] = HBP_MODULES + (nn.ELU, nn.SELU, nn.LeakyReLU, nn.LogSigmoid)
 
 
