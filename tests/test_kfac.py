@@ -1,4 +1,4 @@
-"""K-FAC / KFLR and diagonal-GGN preconditioners (hcc/solvers/kfac.py) against dense references.
+"""K-FAC / KFLR and diagonal-GGN preconditioners (hcc/solvers/kfac.py on hcc/curvature) against dense references.
 
 Tiers (style.md §8): exactness of the curvature against ``A = (1/n) Σ J_iᵀJ_i`` built
 with :func:`torch.func.jacrev` here (independently of the module's own helpers),
@@ -711,3 +711,24 @@ def test_state_survives_a_checkpoint(cls, opts, tmp_path) -> None:
         d_b, loaded, _ = pre.apply(game, moved, batch, vec, loaded, (0, 1))
         for i in (0, 1):
             assert torch.equal(flat(d_a[i]), flat(d_b[i])), (t, i)
+
+
+@pytest.mark.parametrize("name", ["exact", "cg"])
+def test_exact_and_cg_preconditioners_on_conv_and_layernorm_maps(name) -> None:
+    """The exact and CG preconditioners on the same maps (generic kernel: not MLPs): the fused
+    direction and ``apply`` on the field both equal ``(A + λ/n·I)⁻¹v`` from the dense reference."""
+    game = conv_game()
+    params = game.init_params()
+    batch = game.sample_batch()
+    vec = hcc.solvers.vector_field(game, params, batch)
+    cls = PRECONDITIONERS[name]
+    pre = cls(cls.Options(damping=0.3, **({"tol": 1e-12, "maxiter": 500} if name == "cg" else {})))
+    fused, _, _ = pre.direction(game, params, batch, pre.init(game, params), (0, 1))
+    applied, _, _ = pre.apply(game, params, batch, vec, pre.init(game, params), (0, 1))
+    xs = game.supports(params, batch)
+    for i in (0, 1):
+        n = xs[i].shape[0]
+        A = reference_metric(game.maps()[i], params[i], xs[i], "l2")
+        want = torch.linalg.solve(A + 0.3 / n * torch.eye(A.shape[0], dtype=DT), flat(vec[i]))
+        assert rel_err(flat(fused[i]), want) < 1e-8, i
+        assert rel_err(flat(applied[i]), want) < 1e-8, i
