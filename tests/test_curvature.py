@@ -448,3 +448,29 @@ def test_layer_sensitivities_are_the_backpropagated_columns():
     GG, AA, T = hand_conv_factors(net, params, x, 2, None)
     s2 = U["2"].flatten(3).sum(-1)
     assert torch.allclose(torch.einsum("cni,cnj->ij", s2, s2), GG, atol=1e-13, rtol=0)
+
+
+def test_the_curvature_layer_imports_no_game_and_no_solver():
+    """One-way data flow (game → curvature → preconditioner → rule → solver → run): no module of
+    ``hcc.curvature`` imports (even lazily) from ``hcc.games``, ``hcc.solvers`` or the run layer."""
+    import ast
+    from pathlib import Path
+
+    import hcc.curvature
+
+    allowed = {"hcc.curvature", "hcc.registry"}
+    for path in Path(hcc.curvature.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                base = "hcc.curvature" if node.level == 1 else "hcc"
+                name = f"{base}.{node.module}" if node.module else base
+            elif isinstance(node, ast.ImportFrom):
+                name = node.module or ""
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+                assert not any(n.startswith("hcc") for n in names), (path.name, names)
+                continue
+            else:
+                continue
+            if name.startswith("hcc"):
+                assert any(name == a or name.startswith(a + ".") for a in allowed), (path.name, name)

@@ -39,7 +39,7 @@ from .layers import (
     use_backpack,
 )
 from .operators import CurvatureOperator, DampingScale, _one_of, block_damping, check_damping, live
-from .pytree import unflatten
+from .pytree import flatten, unflatten
 
 Estimator = Literal["exact", "mc"]
 
@@ -103,7 +103,7 @@ class DiagOperator(CurvatureOperator):
         return {k: self.diagonal[k] * v[k] for k in self.structure.names}
 
     def dense(self):  # noqa: D102
-        return torch.diag(torch.cat([self.diagonal[k].reshape(-1) for k in self.structure.names]))
+        return torch.diag(flatten(self.diagonal, self.structure.names))
 
     def inverse(self, damping: float, scale: DampingScale = "absolute") -> DiagInverse:  # type: ignore[override]
         """``v ⊘ (diag A + λ_b)`` with ``λ_b`` per block (``damping > 0``); a dead block maps to 0."""
@@ -111,7 +111,7 @@ class DiagOperator(CurvatureOperator):
         scales: dict[str, Tensor] = {}
         lams = []
         for names in self.structure.blocks():
-            mean = torch.cat([self.diagonal[k].reshape(-1) for k in names]).mean()
+            mean = flatten(self.diagonal, names).mean()
             alive = live(mean)
             lam = block_damping(mean, alive, damping, scale)
             for k in names:
