@@ -275,7 +275,8 @@ def time_direction(game_name: str, backend: str, method: str, repeats: int) -> t
         t = time.perf_counter()
         pre.direction(game, params, batch, state, BOTH)
         times.append(1e3 * (time.perf_counter() - t))
-    from hcc.solvers.natural import choose_method, output_dim
+    from hcc.curvature.jacobians import output_dim
+    from hcc.curvature.operators import choose_method
 
     xs = game.supports(params, batch)
     picked = []

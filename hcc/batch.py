@@ -72,6 +72,7 @@ from torch.utils import _pytree as pytree
 
 from . import __version__
 from .checkpoint import Checkpoint, global_rng_state, set_global_rng_state
+from .curvature.pytree import sq_norm, stack, unstack
 from .device import resolve_device, resolve_dtype
 from .games import Game, Params, make_game
 from .registry import OptionError, check_positive, check_seed
@@ -79,7 +80,6 @@ from .run import GuardOptions, Result, _Stall, _stall_message, guard_options, so
 from .solvers import Solver, make_solver
 from .solvers.natural import CG, Exact
 from .solvers.oracle import vector_field
-from .solvers.tree import sq_norm
 
 Backend = Literal["local", "ray"]
 BACKENDS: tuple[str, ...] = ("local", "ray")
@@ -91,23 +91,10 @@ UNBATCHABLE: dict[str, str] = {
     "transforms (vmap, jacfwd) cannot trace",
 }
 
-__all__ = ["BACKENDS", "UNBATCHABLE", "batchable_solver", "untraceable", "run_batch", "solve_batch", "stack", "unstack"]
+__all__ = ["BACKENDS", "UNBATCHABLE", "batchable_solver", "untraceable", "run_batch", "solve_batch"]
 
 
 # -- pytree stacking ------------------------------------------------------------------------------
-
-
-def stack(trees: Sequence[Any]) -> Any:
-    """Stack K pytrees with the same structure leaf-wise along a new leading axis."""
-    leaves, spec = zip(*(pytree.tree_flatten(t) for t in trees), strict=True)
-    if any(s != spec[0] for s in spec):
-        raise ValueError("stack: expected pytrees of one structure, got differing ones")
-    return pytree.tree_unflatten([torch.stack(col) for col in zip(*leaves, strict=True)], spec[0])
-
-
-def unstack(tree: Any, i: int) -> Any:
-    """Instance ``i`` of a stacked pytree."""
-    return pytree.tree_map(lambda x: x[i], tree)
 
 
 def _where(mask: Tensor, new: Any, old: Any) -> Any:

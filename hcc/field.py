@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .curvature.pytree import all_finite
 from .games.base import Batch, Game
 from .registry import OptionError
 from .solvers import make_solver
-from .solvers.tree import all_finite
 
 #: default solvers of a portrait: simultaneous vs alternating vs negative momentum vs extragradient
 DEFAULT_SOLVERS = ("gda", "alt-gda", "negmom", "eg")

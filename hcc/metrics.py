@@ -13,9 +13,9 @@ import math
 import torch
 from torch import Tensor
 
+from .curvature.pytree import sq_norm
 from .games.base import Batch, Game, Params
 from .solvers.oracle import vector_field
-from .solvers.tree import sq_norm
 
 #: metrics that are "smaller is better" and span decades: plotted on a log scale
 LOG_METRICS = ("lyapunov", "exploitability", "field_norm", "openspiel_exploitability")

@@ -41,6 +41,7 @@ import torch
 
 from . import __version__
 from .checkpoint import Checkpoint, global_rng_state, set_global_rng_state
+from .curvature.pytree import all_finite, sq_norm, tree_map
 from .device import DEFAULT_DTYPE, DTYPES, resolve_device, resolve_dtype
 from .games import Game, Params, make_game
 from .metrics import evaluate, progress_value
@@ -59,7 +60,6 @@ from .registry import OptionError, build_options, check_mapping, check_name, che
 from .registry import opt as _opt
 from .solvers import Solver, make_solver
 from .solvers.oracle import vector_field
-from .solvers.tree import all_finite, sq_norm, tree_map
 
 _jsonable = jsonable  # the name compare/sweep used
 

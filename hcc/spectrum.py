@@ -59,13 +59,13 @@ from torch.func import jacfwd
 from torch.utils import _pytree as pytree
 
 from .batch import untraceable
+from .curvature.pytree import flatten, sq_norm, unflatten
 from .games.base import Batch, Game, Params
 from .games.maps import Direct
 from .records import write_json
 from .registry import OptionError, check_seed
 from .solvers import Solver, make_solver
 from .solvers.oracle import vector_field
-from .solvers.tree import sq_norm
 
 #: rules whose update is not differentiable at ``v = 0`` (they divide by ‖v‖ or √(second moment))
 NONSMOOTH_RULES = frozenset({"nsgda", "adam"})
@@ -141,23 +141,6 @@ def _finite(x: Any) -> Any:
     return x
 
 
-# -- flattening ------------------------------------------------------------------------------
-
-
-def _flat(tree: Any) -> Tensor:
-    leaves = pytree.tree_leaves(tree)
-    return torch.cat([leaf.reshape(-1) for leaf in leaves]) if leaves else torch.zeros(0)
-
-
-def _unflat(z: Tensor, like: Any) -> Any:
-    leaves, spec = pytree.tree_flatten(like)
-    out, i = [], 0
-    for leaf in leaves:
-        out.append(z[i:i + leaf.numel()].reshape(leaf.shape))
-        i += leaf.numel()
-    return pytree.tree_unflatten(out, spec)
-
-
 def _dynamic(state: Any) -> tuple[Any, Any]:
     """Split a rule state into its dynamic part (tensors with ≥ 1 dim: previous iterates and
     directions, moments) and its frozen part (0-d counters and flags such as OGDA's ``started``)."""
@@ -176,8 +159,8 @@ def game_field(game: Game, params: Params, batch: Batch) -> Params:
 
 def field_jacobian(game: Game, params: Params, batch: Batch) -> Tensor:
     """The dense Jacobian ``∇v`` (``M × M``, ``M`` = all parameters) of :func:`game_field` at ``params``."""
-    z0 = _flat(params).detach()
-    return jacfwd(lambda z: _flat(game_field(game, _unflat(z, params), batch)))(z0)
+    z0 = flatten(params).detach()
+    return jacfwd(lambda z: flatten(game_field(game, unflatten(z, params), batch)))(z0)
 
 
 def update_operator(
@@ -210,11 +193,11 @@ def update_operator(
     rstate = state["rule"]
     dyn, (leaves, spec) = _dynamic(rstate)
     dyn_leaves = [t for t, d in zip(leaves, dyn) if d]
-    n_par = _flat(params).numel()
+    n_par = flatten(params).numel()
 
     def rebuild(z: Tensor) -> tuple[Params, Any]:
-        p = _unflat(z[:n_par], params)
-        it = iter(_unflat(z[n_par:], dyn_leaves)) if dyn_leaves else iter(())
+        p = unflatten(z[:n_par], params)
+        it = iter(unflatten(z[n_par:], dyn_leaves)) if dyn_leaves else iter(())
         new_leaves = [next(it) if d else t for t, d in zip(leaves, dyn)]
         return p, pytree.tree_unflatten(new_leaves, spec)
 
@@ -222,9 +205,9 @@ def update_operator(
         p, rs = rebuild(z)
         new_p, new_state, _ = solver.step(game, p, {"rule": rs, "precond": state["precond"]}, batch)
         new_leaves = pytree.tree_leaves(new_state["rule"])
-        return torch.cat([_flat(new_p), *[t.reshape(-1) for t, d in zip(new_leaves, dyn) if d]])
+        return torch.cat([flatten(new_p), *[t.reshape(-1) for t, d in zip(new_leaves, dyn) if d]])
 
-    z0 = torch.cat([_flat(params), *[t.reshape(-1) for t in dyn_leaves]]).detach()
+    z0 = torch.cat([flatten(params), *[t.reshape(-1) for t in dyn_leaves]]).detach()
     with torch.no_grad():
         residual = float((T(z0) - z0).norm())
     jac = jacfwd(T)(z0)

@@ -36,10 +36,10 @@ from matplotlib.figure import Figure
 
 from .batch import Backend, run_batch
 from .checkpoint import Checkpoint
+from .curvature.pytree import tree_map
 from .records import atomic_write, save_figure, write_history_csv, write_json
 from .registry import OptionError
 from .run import GuardOptions, Result
-from .solvers.tree import tree_map
 
 __all__ = [
     "batch_figure", "batch_metric", "format_table", "instance_rows", "late_ratio", "save_batch", "save_sweep",

@@ -11,8 +11,9 @@ import torch
 from click.testing import CliRunner
 
 import hcc
-from hcc.batch import batchable_solver, run_batch, solve_batch, stack, unstack
+from hcc.batch import batchable_solver, run_batch, solve_batch
 from hcc.cli import main
+from hcc.curvature.pytree import stack, unstack
 from hcc.registry import OptionError
 from hcc.sweep import instance_rows, summary_rows, sweep
 

@@ -13,12 +13,12 @@ import torch
 from conftest import build
 
 import hcc
+from hcc.curvature.operators import exact_natural_direction
 from hcc.games.maps import Tabular, tabulate
 from hcc.games.simplex import project_simplex
 from hcc.registry import OptionError
 from hcc.run import solve
 from hcc.solvers import make_solver
-from hcc.solvers.natural import exact_natural_direction
 
 torch.set_num_threads(1)
 

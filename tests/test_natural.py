@@ -15,25 +15,13 @@ import torch
 from torch.func import functional_call, jacrev
 
 import hcc
+from hcc.curvature.jacobians import jacobian_matrix, per_sample_jacobian, supports_structured
+from hcc.curvature.operators import cg_natural_direction, choose_method, exact_natural_direction
+from hcc.curvature.pytree import all_finite, flatten, unflatten
 from hcc.registry import OptionError
 from hcc.run import solve
 from hcc.solvers import PRECONDITIONERS, RULES, compose_solver, make_solver, vector_field
-from hcc.solvers.natural import (
-    CG,
-    CGOptions,
-    Exact,
-    ExactOptions,
-    cg_natural_direction,
-    choose_method,
-    exact_natural_direction,
-    flatten,
-    function_space_gradients,
-    jacobian_matrix,
-    per_sample_jacobian,
-    supports_structured,
-    unflatten,
-)
-from hcc.solvers.tree import all_finite
+from hcc.solvers.natural import CG, CGOptions, Exact, ExactOptions, function_space_gradients
 
 torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared 2-core box
 

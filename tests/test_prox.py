@@ -13,10 +13,10 @@ import torch
 from torch.func import functional_call, jacrev
 
 import hcc
+from hcc.curvature.heads import center, link, split_head
 from hcc.registry import OptionError
 from hcc.solvers import make_solver
 from hcc.solvers.function_space import FunctionSpace
-from hcc.solvers.heads import center, link, split_head
 from hcc.solvers.prox import proximal_target
 
 torch.set_num_threads(1)
@@ -220,6 +220,6 @@ def test_logit_range_keeps_vanishing_logits_finite() -> None:
         params, state, _ = solver.step(game, params, state, batch)
     body, _ = split_head(game.min_map)
     z = functional_call(body, params[0], (batch["x_min"],))
-    zeta = hcc.solvers.heads.default_logit_range(torch.float64)
+    zeta = hcc.curvature.heads.default_logit_range(torch.float64)
     assert float(z.max() - z.min()) <= 1.1 * zeta
     assert game.lyapunov(*game.strategies(params, batch), batch) < 1e-12

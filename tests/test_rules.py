@@ -218,7 +218,7 @@ def test_every_registered_solver_steps_and_reports():
         params = game.init_params()
         state = solver.init(game, params)
         new, _, info = solver.step(game, params, state, game.sample_batch())
-        assert hcc.solvers.tree.all_finite(new), name
+        assert hcc.curvature.pytree.all_finite(new), name
         assert info["field_evals"] >= 1, name
         moved = sum((a[k] - b[k]).abs().sum().item() for a, b in zip(new, params) for k in a)
         assert moved > 0, name

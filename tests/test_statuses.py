@@ -13,9 +13,9 @@ from conftest import hcc_cli as cli
 import hcc
 from hcc.batch import solve_batch
 from hcc.cli import EXIT_DIVERGED
+from hcc.curvature.pytree import sq_norm
 from hcc.run import GuardOptions, guard_options
 from hcc.solvers import SOLVERS
-from hcc.solvers.tree import sq_norm
 
 TINY = {"rps": {"width": 8}, "matching-pennies": {}, "matrix": {"payoff": "3,-1;-2,1", "width": 8},
         "gan": {"batch_size": 16, "n_eval": 64}}

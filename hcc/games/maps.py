@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..curvature.heads import MaskedSoftmax
 from ..registry import OptionError
 from .simplex import project_simplex
 
@@ -139,28 +140,6 @@ class KeepMask(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([self.body(x[..., : self.n_features]), x[..., self.n_features :]], -1)
-
-
-class MaskedSoftmax(nn.Module):
-    r"""A softmax head over the legal actions, the mask travelling in the input row.
-
-    Contract: the input has ``2K`` columns, ``[z | m]`` — logits ``z ∈ R^K`` and a mask
-    ``m ∈ {0, 1}^K`` (1: legal) with at least one legal entry per row — and the output is
-
-    .. math::
-
-        p_a = \frac{m_a e^{z_a}}{\sum_b m_b e^{z_b}} ∈ Δ(\{a : m_a = 1\}),
-
-    exactly 0 at illegal actions. Row ``i`` of the output depends on row ``i`` of the input
-    only (per-point Jacobians are valid), its Jacobian in ``z`` is ``diag(p) − ppᵀ`` (the
-    softmax head's, restricted to the legal actions) and in ``m`` it is 0. Use it last
-    in an ``nn.Sequential`` after a :class:`KeepMask` body: ``Sequential(KeepMask(mlp, d),
-    MaskedSoftmax())`` maps ``[features | mask]`` to a distribution over legal actions.
-    """
-
-    def forward(self, zm: Tensor) -> Tensor:
-        z, m = zm.chunk(2, dim=-1)
-        return torch.softmax(torch.where(m > 0, z, -torch.inf), -1)
 
 
 def masked_policy(n_features: int, n_actions: int, width: int, depth: int, activation: str = "tanh",

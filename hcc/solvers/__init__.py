@@ -251,18 +251,7 @@ for _name, _spec in _PLAIN.items():
 PRECONDITIONERS.register(Exact.name, Exact)
 PRECONDITIONERS.register(CG.name, CG)
 
-# Natural extragradient (the field-based natural solvers; before the proximal rule these were
-# exact-/cg-natgrad). Simultaneous Euler on the natural flow is
-# stable only for h < 2a/(a² + b²) (≈ 0.066 on regularized RPS: a = 0.1, b ≈ √3;
-# ≈ 0.012 on matching pennies: b = 4), extragradient for far larger steps. Measured
-# (float64, default damping, 10 seeds, V ≤ 1e-6): EG at 0.4 on RPS, median 29
-# iterations, and still 10/10 from saturated starts (out_scale 8 and 15); optimistic
-# GDA needs one direction per step instead of two and reaches ~30 iterations at 0.3,
-# but sits at its stability edge (0.35 already fails from out_scale 8), so EG is the
-# preset. Matching pennies (λ = 0.1): EG at 0.2, median 42. Bilinear (J = I, the
-# natural step is the plain one over 1 + λ): 0.6, stable on the identity, random and
-# rotation variants. Step sizes: grids {0.3, 0.4, 0.5} (rps), {0.15, 0.2, 0.25} (mp),
-# {0.3, …, 1.5} (bilinear). They run on every game, the continuous GAN included.
+# Natural extragradient, the field-based natural solvers (stability, step sizes: docs/curvature.md).
 _NATURAL_EG = {
     "eg+exact": SolverSpec(
         "eg", precond="exact", summary="extragradient on the exact generalized natural gradient (field-based)",

@@ -7,7 +7,7 @@ function-space game is a small explicit game in ``n_F·k_F + n_G·k_G`` variable
 a solver can work on it directly: take a step there — even an implicit one, solving
 a local game exactly — and pull it back to the parameters through the natural metric.
 
-Coordinates. Each player's map is ``F = h(z)`` (:mod:`hcc.solvers.heads`): its
+Coordinates. Each player's map is ``F = h(z)`` (:mod:`hcc.curvature.heads`): its
 *coordinates* are the pre-head values ``z`` (logits for a probability head, the values
 themselves otherwise), its *values* ``F = h(z)``. The field is taken in the mean-over-
 points metric of ``V``: ``v_F = n_F ∂ℓ_min/∂F``, ``v_G = n_G ∂ℓ_max/∂G`` (each player descends
@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vjp, vmap
 
+from ..curvature.heads import Head, link, link_jacobian, split_head
 from ..games.base import Batch, Game, Params
 from ..registry import OptionError
-from .heads import Head, link, link_jacobian, split_head
 
 
 def has_function_space(game: Game) -> str:

@@ -12,7 +12,7 @@ an ordinary optimizer on the surrogate loss ``½‖c(θ) − target‖²``:
 
 ``c`` the map's outputs in the geometry (``l2``: the values ``F``, the paper's choice;
 ``logit``: centred logits) and ``r̂`` the function-space gradient there
-(:func:`~hcc.solvers.heads.field_residual`). As a preconditioner it returns
+(:func:`~hcc.curvature.heads.field_residual`). As a preconditioner it returns
 ``d = (θ_t − θ_K)/τ``, so a rule stepping ``θ − h d`` with ``h = τ`` *is* the surrogate method; the
 target step ``τ`` defaults to the solver's step size. With ``K → ∞`` and small ``τ`` the direction
 tends to the natural gradient of the geometry; with ``K = 1`` and a line search it is the plain
@@ -47,17 +47,12 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp
 
+from ..curvature.heads import Geometry, check_geometry, field_residual
+from ..curvature.jacobians import head_coords
+from ..curvature.operators import conjugate_gradient
 from ..games.base import Batch, Game, Params
 from ..registry import OptionError, opt
-from .heads import Geometry, check_geometry, field_residual
-from .natural import (
-    Exact,
-    ExactOptions,
-    conjugate_gradient,
-    function_space_gradients,
-    fused_supported,
-    head_coords,
-)
+from .natural import Exact, ExactOptions, function_space_gradients, fused_supported
 from .precond import PRECONDITIONERS, Identity, IdentityOptions, Preconditioner
 from .pullback import least_squares_steps, metric_maps, target_residuals
 

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 from torch.func import vjp
 
+from ..curvature.pytree import tree_map
 from ..games.base import Batch, Game, Params
 from .function_space import FunctionSpace
-from .tree import tree_map
 
 BOTH: tuple[int, ...] = (0, 1)
 

@@ -71,7 +71,7 @@ class Preconditioner:
 
             d = \arg\min_d \; ‖Ĵ d − r̂‖² + μ ‖d‖², \qquad r̂ = \text{target\_residual}(z, z⁺),
 
-        in this preconditioner's :attr:`geometry` (:mod:`hcc.solvers.heads`), ``μ = damping[p]``
+        in this preconditioner's :attr:`geometry` (:mod:`hcc.curvature.heads`), ``μ = damping[p]``
         (added to the summed Gram ``ĴᵀĴ``). This generic version applies the preconditioner to the
         gradient ``v = Ĵᵀr̂/n`` of that least-squares loss and fits the step length along the result
         exactly (one Jacobian-vector product): ``α = ⟨d, v⟩ / (‖Ĵd‖²/n + μ‖d‖²/n)``. The exact

@@ -24,7 +24,7 @@ exactly — a proximal-point step — and moves the networks towards its solutio
    large (default ``10³``): the target is close to the equilibrium of the function-space
    game, boundary equilibria included (an action that should vanish gets its logit pushed
    down by ``η·(its excess cost)``, i.e. its probability multiplied by ``e^{−η·gap}``). Logits are
-   kept within ``ζ`` of the row's maximum (:func:`~hcc.solvers.heads.clip_logits`), so a
+   kept within ``ζ`` of the row's maximum (:func:`~hcc.curvature.heads.clip_logits`), so a
    vanishing action's logit stays finite.
 
 2. **Pull-back** through the preconditioner (:meth:`Preconditioner.pullback`): the
@@ -36,7 +36,7 @@ exactly — a proximal-point step — and moves the networks towards its solutio
 3. **Damping control** (Moré 1978): per player, the reduction of the distance to the
    target actually achieved against the reduction the linearization predicted,
    ``ρ = (e(z) − e(z_new)) / (e(z) − e_lin(z + h·J_z d))``, with ``e`` the least-squares distance
-   the pull-back minimizes (:func:`~hcc.solvers.heads.target_error`, in the preconditioner's
+   the pull-back minimizes (:func:`~hcc.curvature.heads.target_error`, in the preconditioner's
    geometry, metric held at ``z``) — in any other norm a damped step need not be a descent
    step: ``ρ > ¾`` divides μ by 3, ``ρ < ¼`` doubles it, and a step that does
    not reduce the distance (``ρ ≤ 0``) is rejected (that player stays; μ × 4). No step size to
@@ -61,10 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..games.base import Params
-from ..registry import OptionError, opt
-from .function_space import has_function_space
-from .heads import (
+from ..curvature.heads import (
     Head,
     clip_logits,
     coordinate_step,
@@ -75,9 +72,12 @@ from .heads import (
     target_error,
     value_change,
 )
+from ..curvature.pytree import axpy
+from ..games.base import Params
+from ..registry import OptionError, opt
+from .function_space import has_function_space
 from .oracle import Oracle
 from .rules import RULES, Rule
-from .tree import axpy
 
 
 @dataclass

@@ -7,7 +7,7 @@ preconditioner (:class:`~hcc.solvers.hidden.Surrogate`) minimize, per player,
 
     ½‖r̂(θ)‖² + ½μ‖θ − θ₀‖², \qquad r̂(θ) = r̂₀ − \big(c(θ) − c(θ₀)\big),
 
-where ``c(θ)`` are the metric outputs (:meth:`hcc.solvers.natural.MetricMap.outputs`, ``Ĵ = ∂c/∂θ``
+where ``c(θ)`` are the metric outputs (:meth:`hcc.curvature.jacobians.MetricMap.outputs`, ``Ĵ = ∂c/∂θ``
 at ``θ₀``) and ``r̂₀`` the initial residual (the target minus the current point in the
 geometry's coordinates). :func:`least_squares_steps` takes ``steps`` preconditioned steps, each with
 the exact minimizer of the linearized objective along the preconditioned direction.
@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp
 
+from ..curvature.heads import target_residual
+from ..curvature.jacobians import MetricMap, head_coords, metric_map
 from ..games.base import Batch, Game, Params
-from .heads import target_residual
-from .natural import MetricMap, head_coords, metric_map
 
 #: ``(params, vecs, state) ↦ (directions, state, info)``: a preconditioner's ``apply`` on both players
 ApplyFn = Callable[[Params, tuple[dict[str, Tensor], dict[str, Tensor]], Any], tuple[Params, Any, dict[str, Any]]]
@@ -82,7 +82,7 @@ def metric_maps(game: Game, params: Params, batch: Batch, geometry: str) -> tupl
 
 def target_residuals(game: Game, params: Params, batch: Batch, targets: tuple[Tensor, Tensor],
                      geometry: str) -> tuple[Tensor, Tensor]:
-    """``r̂₀`` of pre-head ``targets`` for both players (:func:`~hcc.solvers.heads.target_residual`)."""
+    """``r̂₀`` of pre-head ``targets`` for both players (:func:`~hcc.curvature.heads.target_residual`)."""
     maps, xs = game.maps(), game.supports(params, batch)
     out = []
     for m, p, x, t in zip(maps, params, xs, targets, strict=True):

@@ -15,10 +15,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from ..curvature.pytree import axpy, sub, tree_map, zeros_like
 from ..games.base import Params
 from ..registry import OptionError, Registry, opt
 from .oracle import Oracle
-from .tree import axpy, sub, tree_map, zeros_like
 
 StepInfo = dict[str, Any]
 

@@ -13,7 +13,7 @@ head                    ``F = h(z)`` per support point         ``D = ∂F/∂z``
 ``masked``              softmax over the legal entries          ``S`` (0 off the legal ones)
 ======================  ====================================  ==============================
 
-The ``masked`` head (:class:`~hcc.games.maps.MaskedSoftmax`, OpenSpiel's policies) reads its
+The ``masked`` head (:class:`MaskedSoftmax`, OpenSpiel's policies) reads its
 coordinates as ``[z | m]`` (``2K`` columns): logits and a legal-action mask that travels with
 them and never moves; everything below acts on the logits over the legal actions only.
 
@@ -69,11 +69,32 @@ def check_geometry(geometry: str, allowed: tuple[str, ...] = GEOMETRIES) -> None
         raise OptionError(f"geometry: expected one of {', '.join(allowed)}, got {geometry!r}")
 
 
+class MaskedSoftmax(nn.Module):
+    r"""A softmax head over the legal actions, the mask travelling in the input row.
+
+    Contract: the input has ``2K`` columns, ``[z | m]`` — logits ``z ∈ R^K`` and a mask
+    ``m ∈ {0, 1}^K`` (1: legal) with at least one legal entry per row — and the output is
+
+    .. math::
+
+        p_a = \frac{m_a e^{z_a}}{\sum_b m_b e^{z_b}} ∈ Δ(\{a : m_a = 1\}),
+
+    exactly 0 at illegal actions. Row ``i`` of the output depends on row ``i`` of the input
+    only (per-point Jacobians are valid), its Jacobian in ``z`` is ``diag(p) − ppᵀ`` (the
+    softmax head's, restricted to the legal actions) and in ``m`` it is 0. Use it last
+    in an ``nn.Sequential`` after a body that passes the mask through
+    (:class:`hcc.games.maps.KeepMask`): ``Sequential(KeepMask(mlp, d), MaskedSoftmax())`` maps
+    ``[features | mask]`` to a distribution over legal actions.
+    """
+
+    def forward(self, zm: Tensor) -> Tensor:
+        z, m = zm.chunk(2, dim=-1)
+        return torch.softmax(torch.where(m > 0, z, -torch.inf), -1)
+
+
 def head_of(module: nn.Module) -> Head:
     """The head of a map: a trailing ``nn.Softmax(dim=-1 or 1)``, ``nn.Sigmoid`` or
-    :class:`~hcc.games.maps.MaskedSoftmax` of an ``nn.Sequential``, else ``"none"``."""
-    from ..games.maps import MaskedSoftmax
-
+    :class:`MaskedSoftmax` of an ``nn.Sequential``, else ``"none"``."""
     if isinstance(module, nn.Sequential) and len(module) > 0:
         last = module[-1]
         if isinstance(last, nn.Softmax) and last.dim in (-1, 1):
@@ -283,8 +304,8 @@ def value_change(z: Tensor, dz: Tensor, head: Head, geometry: Geometry, linear: 
 
 
 __all__ = [
-    "GEOMETRIES", "Geometry", "Head", "apply_factor_t", "center", "check_geometry", "clip_logits", "coordinate_step",
-    "coordinate_step_matrix",
+    "GEOMETRIES", "Geometry", "Head", "MaskedSoftmax", "apply_factor_t", "center", "check_geometry", "clip_logits",
+    "coordinate_step", "coordinate_step_matrix",
     "default_logit_range", "field_residual", "head_of", "link", "link_jacobian", "link_tangent", "output_factor",
     "split_head", "target_error", "target_residual", "value_change",
 ]
