@@ -121,14 +121,17 @@ def _sq_norm_rows(tree: Any) -> Tensor:
 
 
 def untraceable(solver: Solver) -> str | None:
-    """Why :mod:`torch.func` transforms (``vmap``, ``jacfwd``) cannot trace ``solver``'s step, or ``None``."""
-    if solver.rule.untraceable:
-        return solver.rule.untraceable
+    """Why :mod:`torch.func` transforms (``vmap``, ``jacfwd``) cannot trace ``solver``'s step, or ``None``.
+
+    Every reason is given (the rule's and the preconditioner's), joined by ``"; "``.
+    """
     pre = solver.precond
+    why = [solver.rule.untraceable or None]
     if isinstance(pre, Exact) and pre.options.backend == "backpack":
-        return ("BackPACK's BatchGrad Jacobians are computed with module hooks, which torch.func transforms (vmap, "
-                "jacfwd) cannot trace")
-    return UNBATCHABLE.get(pre.name)
+        why.append("BackPACK's BatchGrad Jacobians are computed with module hooks, which torch.func transforms (vmap, "
+                   "jacfwd) cannot trace")
+    why.append(UNBATCHABLE.get(pre.name))
+    return "; ".join(w for w in why if w) or None
 
 
 def batchable_solver(solver: Solver) -> Solver:
