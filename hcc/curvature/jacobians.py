@@ -223,10 +223,13 @@ class StructuredFactors(NamedTuple):
     acts: list[Tensor]
     deltas: list[Tensor]
 
-    def gram(self) -> Tensor:
-        """``ĴĴᵀ`` (unnormalized), ``(nk × nk)``, rows ordered (sample, output)."""
+    def gram(self, dtype: torch.dtype | None = None) -> Tensor:
+        """``ĴĴᵀ`` (unnormalized), ``(nk × nk)``, rows ordered (sample, output), accumulated in ``dtype``
+        (default: the factors')."""
         total = None
         for (_, b), a, d in zip(self.names, self.acts, self.deltas, strict=True):
+            if dtype is not None:
+                a, d = a.to(dtype), d.to(dtype)
             gram = a @ a.T + (1.0 if b is not None else 0.0)  # (n, n)
             blk = torch.einsum("aio,bjo->iajb", d, d) * gram[:, None, :, None]
             total = blk if total is None else total + blk

@@ -86,6 +86,26 @@ def default_rcond(dtype: torch.dtype, size: int) -> float:
     return 10.0 * size * torch.finfo(dtype).eps
 
 
+def solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a Gram system is formed and eigendecomposed in: float64 for float32/16 maps.
+
+    Forming ``ĴĴᵀ`` squares the condition number of ``Ĵ``: in float32 every eigenvalue below
+    ``≈ size·eps₃₂·σ_max`` is lost, and with it the directions in which an ill-conditioned map
+    (``rps`` with 64 contexts) still has to move: the exact pull-back stalled at ``V ≈ 6e-6`` there.
+    Accumulated in float64 from the float32 ``Ĵ``, eigenvalues are resolved down to
+    ``≈ (eps₃₂ σ_max)²`` (the accuracy of ``Ĵ`` itself). The system is ``nk × nk`` (or ``M × M``), so
+    this costs little next to the Jacobians.
+    """
+    return torch.float64 if dtype in (torch.float32, torch.float16, torch.bfloat16) else dtype
+
+
+def gram_rcond(dtype: torch.dtype, size: int) -> float:
+    """Default cutoff of a Gram matrix of ``Ĵ`` in ``dtype`` accumulated in :func:`solve_dtype`:
+    ``10 · size · max(eps(solve dtype), eps(dtype)²)``."""
+    eps = torch.finfo(dtype).eps
+    return 10.0 * size * max(torch.finfo(solve_dtype(dtype)).eps, eps * eps)
+
+
 def spectral_weights(s: Tensor, damping: float | Tensor, rcond: float, power: int = 1) -> Tensor:
     """``1/(s + λ)`` (``power=1``) or ``1/((s + λ) s)`` (``power=2``) on kept eigenvalues, 0 elsewhere."""
     cutoff = rcond * s.max().clamp_min(torch.finfo(s.dtype).tiny)
@@ -184,11 +204,11 @@ class _SampleSpace(CurvatureOperator):
         raise NotImplementedError
 
     def kernel(self) -> Tensor:
-        """``K = ĴĴᵀ/n``."""
+        """``K = ĴĴᵀ/n``, in :func:`solve_dtype`."""
         return self.gram() / self.n
 
     def eig(self) -> tuple[Tensor, Tensor]:
-        """``(s, U)`` of ``K`` (computed once)."""
+        """``(s, U)`` of ``K`` (computed once, in :func:`solve_dtype`)."""
         if self._eig is None:
             self._eig = torch.linalg.eigh(self.kernel())
         return self._eig
@@ -200,12 +220,11 @@ class _SampleSpace(CurvatureOperator):
         _one_of(rhs, residual, "solve")
         s, U = self.eig()
         dt = next(iter(self.like.values())).dtype
-        rc = default_rcond(dt, self.n * self.c) if self.rcond is None else self.rcond
-        if residual is not None:
-            u = U @ (spectral_weights(s, damping, rc) * (U.T @ residual.reshape(-1)))
-        else:
-            u = U @ (spectral_weights(s, damping, rc, power=2) * (U.T @ self.jvp(rhs))) / self.n
-        return self.vjp(u)
+        rc = gram_rcond(dt, self.n * self.c) if self.rcond is None else self.rcond
+        r = residual.reshape(-1) if residual is not None else self.jvp(rhs)
+        w = spectral_weights(s, damping, rc, power=1 if residual is not None else 2)
+        u = U @ (w * (U.T @ r.to(s.dtype)))
+        return self.vjp((u if residual is not None else u / self.n).to(dt))
 
 
 class KernelOperator(_SampleSpace):
@@ -223,10 +242,11 @@ class KernelOperator(_SampleSpace):
         return unflatten(self.J.T @ u.reshape(-1), self.like)
 
     def gram(self):  # noqa: D102
-        return self.J @ self.J.T
+        J = self.J.to(solve_dtype(self.J.dtype))
+        return J @ J.T
 
     def kernel(self):  # noqa: D102
-        return self.J @ self.J.T / self.n
+        return self.gram() / self.n
 
     def dense(self):  # noqa: D102
         return self.J.T @ self.J / self.n
@@ -251,7 +271,7 @@ class StructuredOperator(_SampleSpace):
         return self.factors.vjp(u.reshape(self.n, self.c), self.like)
 
     def gram(self):  # noqa: D102
-        return self.factors.gram()
+        return self.factors.gram(solve_dtype(self.factors.acts[0].dtype))
 
 
 # -- exact: parameter space ----------------------------------------------------------------------
@@ -277,11 +297,13 @@ class DenseOperator(CurvatureOperator):
     def solve(self, rhs=None, *, residual=None, damping=0.0):  # noqa: D102
         _one_of(rhs, residual, "solve")
         if self._eig is None:
-            self._eig = torch.linalg.eigh(self.A)
+            J = self.J.to(solve_dtype(self.J.dtype))
+            self._eig = torch.linalg.eigh(J.T @ J / self.n)
         s, U = self._eig
         v = self.J.T @ residual.reshape(-1) if residual is not None else flatten(rhs)
-        rc = default_rcond(self.A.dtype, self.size) if self.rcond is None else self.rcond
-        return unflatten(U @ (spectral_weights(s, damping, rc) * (U.T @ v)), self.like)
+        rc = gram_rcond(self.A.dtype, self.size) if self.rcond is None else self.rcond
+        d = U @ (spectral_weights(s, damping, rc) * (U.T @ v.to(s.dtype)))
+        return unflatten(d.to(self.A.dtype), self.like)
 
 
 def choose_method(module: nn.Module, n: int, k: int, n_params: int, backend: Backend = "func") -> str:
@@ -527,6 +549,6 @@ class DenseInverse(NamedTuple):
 __all__ = [
     "CGOperator", "CGResult", "CurvatureOperator", "DenseInverse", "DenseOperator", "InverseOperator",
     "KernelOperator", "METHODS", "StructuredOperator", "block_damping", "check_damping", "cg_natural_direction",
-    "choose_method",
-    "conjugate_gradient", "default_rcond", "exact_natural_direction", "exact_operator", "live", "spectral_weights",
+    "choose_method", "conjugate_gradient", "default_rcond", "exact_natural_direction", "exact_operator", "gram_rcond",
+    "live", "solve_dtype", "spectral_weights",
 ]
