@@ -1,16 +1,19 @@
 """Solvers: an update rule × a preconditioner × a step size, built from a registry.
 
-A named solver (``eg``, ``negmom``, later ``exact-natgrad`` …) is one registry
-line: which rule, which preconditioner, the rule's defaults, and a default step
-size per game. ``make_solver`` turns a name plus user options into a
-:class:`Solver`, whose :meth:`Solver.step` is a pure function of
-``(params, state, batch)`` returning one record of what it measured.
+A named solver (``eg``, ``negmom``, ``exact-natgrad`` …) is one entry of the data
+file ``hcc/solvers/presets.toml`` (:func:`load_presets`): which rule, which
+preconditioner, their defaults, and a default step size per game. ``make_solver``
+turns a name plus user options into a :class:`Solver`, whose :meth:`Solver.step` is a
+pure function of ``(params, state, batch)`` returning one record of what it measured.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..games.base import Batch, Game, Params
@@ -107,6 +110,79 @@ def register_solver(name: str, spec: SolverSpec) -> SolverSpec:
     if "*" not in spec.lr:
         raise ValueError(f"solver {name!r}: lr needs a '*' fallback")
     return SOLVERS.register(name, spec)
+
+
+#: the named solvers' definitions, registered in the file's order at import (:func:`load_presets`)
+PRESETS_FILE = Path(__file__).with_name("presets.toml")
+
+
+class PresetError(ValueError):
+    """A malformed presets file: the message names the file, the entry and the key."""
+
+
+def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, SolverSpec]:
+    """The ``[solver."NAME"]`` tables of a presets file (TOML) as :class:`SolverSpec` s, in file order.
+
+    Each entry's ``rule`` and ``precond`` must be registered, its ``rule_defaults`` /
+    ``precond_defaults`` options of them, and its ``lr`` table must have the ``"*"`` fallback;
+    anything else raises a :class:`PresetError` naming the file, the entry and the key.
+    (The file shipped with hcc, :data:`PRESETS_FILE`, is registered as :data:`SOLVERS`.)
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise PresetError(f"{path}: not valid TOML: {e}") from None
+    extra = sorted(set(data) - {"solver"})
+    if extra:
+        raise PresetError(f"{path}: unknown top-level key {extra[0]!r}; expected [solver.\"NAME\"] tables")
+    entries = data.get("solver", {})
+    if not isinstance(entries, dict):
+        raise PresetError(f"{path}: key 'solver': expected tables [solver.\"NAME\"], got {entries!r}")
+    return {name: _preset(path, name, entry) for name, entry in entries.items()}
+
+
+def _preset(path: Path, name: str, entry: Any) -> SolverSpec:
+    """One entry of a presets file, checked (see :func:`load_presets`)."""
+    where = f"{path}: solver {name!r}"
+    if not isinstance(entry, dict):
+        raise PresetError(f"{where}: expected a table, got {entry!r}")
+    keys = [f.name for f in dataclasses.fields(SolverSpec)]
+    for key in entry:
+        if key not in keys:
+            raise PresetError(f"{where}: unknown key {key!r}; expected one of: {', '.join(keys)}")
+    for key in ("rule", "lr"):
+        if key not in entry:
+            raise PresetError(f"{where}: missing key {key!r}")
+    for key in ("rule", "precond", "summary"):
+        if key in entry and not isinstance(entry[key], str):
+            raise PresetError(f"{where}: key {key!r}: expected a string, got {entry[key]!r}")
+    rule, precond = entry["rule"], entry.get("precond", "identity")
+    for key, value, registry in (("rule", rule, RULES), ("precond", precond, PRECONDITIONERS)):
+        if value not in registry:
+            raise PresetError(f"{where}: key {key!r}: unknown {registry.kind} {value!r}; "
+                              f"expected one of: {', '.join(registry)}")
+    for key, cls in (("rule_defaults", RULES[rule]), ("precond_defaults", PRECONDITIONERS[precond])):
+        table = entry.get(key, {})
+        if not isinstance(table, dict):
+            raise PresetError(f"{where}: key {key!r}: expected a table of options, got {table!r}")
+        fields = [f.name for f in dataclasses.fields(cls.Options)]
+        for opt_name in table:
+            if opt_name not in fields:
+                raise PresetError(f"{where}: key {key!r}: unknown option {opt_name!r} of {cls.name!r}; "
+                                  f"expected one of: {', '.join(fields) or '(none)'}")
+    lr = entry["lr"]
+    if not isinstance(lr, dict):
+        raise PresetError(f"{where}: key 'lr': expected a table of step sizes per game, got {lr!r}")
+    if "*" not in lr:
+        raise PresetError(f"{where}: key 'lr': needs a '*' fallback (the step size for every other game)")
+    for game, h in lr.items():
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not (h > 0 and math.isfinite(h)):
+            raise PresetError(f"{where}: key 'lr': expected a positive step size for {game!r}, got {h!r}")
+    return SolverSpec(rule, precond, rule_defaults=dict(entry.get("rule_defaults", {})),
+                      precond_defaults=dict(entry.get("precond_defaults", {})),
+                      lr={game: float(h) for game, h in lr.items()}, summary=entry.get("summary", ""))
 
 
 def _build(
@@ -214,89 +290,18 @@ def compose_solver(
     return _build(f"{rule}+{precond}", rule, precond, {}, {}, lr, options)
 
 
-# The registry: one line per named solver. Step sizes: the best median steps to
-# V ≤ 1e-6 over seeds 0-2 on a grid {0.01, 0.03, 0.1, 0.3, 1, 3} (float64, game
-# defaults, matching pennies at λ = 0.1). Where no step converges (simultaneous GDA,
-# normalized SGDA and Adam on rps) the default is a stable one. GAN: the lowest
-# median MMD² after 2000 steps (`hcc compare gan --tune`), seeds 0-1 on
-# {0.003, 0.01, 0.03, 0.05, 0.1} (gda 0.05: 0.124, eg 0.03: 0.156, nsgda 0.03: 0.065);
-# Adam, best at the grid's low end there, re-tuned on seeds 0-2 over {0.0003, 0.001,
-# 0.003}: 0.001 gives 0.051 against 0.124 at either neighbour.
-MP = "matching-pennies"
-_PLAIN = {
-    "gda": SolverSpec("gda", summary="simultaneous gradient descent-ascent",
-                      lr={"*": 0.05, "bilinear": 0.1, "rps": 0.05, MP: 0.05, "gan": 0.05}),
-    "alt-gda": SolverSpec("gda", rule_defaults={"alternating": True}, summary="alternating GDA (Gauss-Seidel)",
-                          lr={"*": 0.05, "bilinear": 0.1, "rps": 0.1, MP: 0.1, "gan": 0.05}),
-    "eg": SolverSpec("eg", summary="extragradient (Korpelevich)",
-                     lr={"*": 0.1, "bilinear": 0.5, "rps": 0.1, MP: 0.1, "gan": 0.03}),
-    "ogda": SolverSpec("ogda", summary="optimistic GDA (Popov / Daskalakis et al.)",
-                       lr={"*": 0.1, "bilinear": 0.3, "rps": 0.1, MP: 0.1, "gan": 0.03}),
-    "negmom": SolverSpec("gda", rule_defaults={"beta": -0.5, "alternating": True},
-                         summary="alternating GDA with negative momentum (Gidel et al. 2019)",
-                         lr={"*": 0.1, "bilinear": 0.5, "rps": 0.1, MP: 0.3, "gan": 0.05}),
-    "consensus": SolverSpec("consensus", summary="consensus optimization (Mescheder et al. 2017)",
-                            lr={"*": 0.03, "bilinear": 0.5, "rps": 0.03, MP: 0.03, "gan": 0.05}),
-    "hamiltonian": SolverSpec("hamiltonian", summary="Hamiltonian descent on ½‖v‖²",
-                              lr={"*": 0.03, "bilinear": 0.5, "rps": 0.03, MP: 0.03, "gan": 0.01}),
-    "nsgda": SolverSpec("nsgda", summary="normalized SGDA (per player or per layer)",
-                        lr={"*": 0.01, "bilinear": 0.01, "rps": 0.01, MP: 0.01, "gan": 0.03}),
-    "adam": SolverSpec("adam", summary="Adam-GDA, the practitioners' baseline",
-                       lr={"*": 0.001, "bilinear": 0.01, "rps": 0.01, MP: 0.01, "gan": 0.001}),
-}
-for _name, _spec in _PLAIN.items():
-    register_solver(_name, _spec)
-
-# -- generalized natural gradients (design.md §2) ----------------------------------------------
+# -- the preconditioners and rules of the other modules ------------------------------------------
 PRECONDITIONERS.register(Exact.name, Exact)
 PRECONDITIONERS.register(CG.name, CG)
+# the prox rule; the surrogate, phgd, kfac and diag preconditioners
+from . import hidden, kfac, prox  # noqa: E402,F401
 
-# Natural extragradient, the field-based natural solvers (stability, step sizes: docs/curvature.md).
-_NATURAL_EG = {
-    "eg+exact": SolverSpec(
-        "eg", precond="exact", summary="extragradient on the exact generalized natural gradient (field-based)",
-        lr={"*": 0.1, "bilinear": 0.6, "rps": 0.4, "matrix": 0.4, MP: 0.2, "gan": 0.05}),
-    "eg+cg": SolverSpec(
-        "eg", precond="cg", summary="extragradient on the natural gradient by conjugate gradients (field-based)",
-        lr={"*": 0.1, "bilinear": 0.6, "rps": 0.4, "matrix": 0.4, MP: 0.2, "gan": 0.05}),
-}
-for _name, _spec in _NATURAL_EG.items():
-    register_solver(_name, _spec)
-
-from . import hidden, prox  # noqa: E402,F401  (register the prox rule, the surrogate and phgd preconditioners)
-
-#: the pull-back geometry of the named proximal solvers: Gauss-Newton on the centred logits
-PROX_PULLBACK = {"geometry": "logit"}
-# The natural proximal-point solvers (hcc.solvers.prox): one default for every game with a fixed
-# function-space support, lr = 1 (the full Gauss-Newton step; nothing to tune per game).
-_NATURAL = {
-    "exact-natgrad": SolverSpec(
-        "prox", precond="exact", precond_defaults=PROX_PULLBACK, lr={"*": 1.0},
-        summary="natural proximal point: implicit function-space step, exact Gauss-Newton pull-back"),
-    "cg-natgrad": SolverSpec(
-        "prox", precond="cg", precond_defaults=PROX_PULLBACK, lr={"*": 1.0},
-        summary="natural proximal point, pull-back by conjugate gradients"),
-}
-for _name, _spec in _NATURAL.items():
-    register_solver(_name, _spec)
-
-# The published methods for hidden games (hcc.solvers.hidden), one default step each: the surrogate-loss
-# method with extragradient outside (target step τ = the step size) and preconditioned hidden gradient
-# descent, simultaneous as published.
-_HIDDEN = {
-    "eg+surrogate": SolverSpec(
-        "eg", precond="surrogate", precond_defaults={"geometry": "fisher"}, lr={"*": 1.0},
-        summary="surrogate losses (D'Orazio et al. 2025): function-space EG target (Fisher), 5 inner GD steps"),
-    "gda+phgd": SolverSpec(
-        "gda", precond="phgd", lr={"*": 0.05},
-        summary="preconditioned hidden gradient descent (Sakos et al. 2023), simultaneous, (JᵀJ)⁺"),
-}
-for _name, _spec in _HIDDEN.items():
+# -- the named solvers: hcc/solvers/presets.toml -------------------------------------------------
+for _name, _spec in load_presets().items():
     register_solver(_name, _spec)
 
 __all__ = [
-    "BOTH", "Oracle", "PRECONDITIONERS", "Preconditioner", "RULES", "Rule", "SOLVERS", "Solver",
-    "SolverSpec", "check_solver_name", "compose_solver", "hamiltonian_grad", "make_solver", "register_solver",
-    "vector_field",
+    "BOTH", "Oracle", "PRECONDITIONERS", "PRESETS_FILE", "PresetError", "Preconditioner", "RULES", "Rule",
+    "SOLVERS", "Solver", "SolverSpec", "check_solver_name", "compose_solver", "hamiltonian_grad", "load_presets",
+    "make_solver", "register_solver", "vector_field",
 ]
-from . import kfac  # noqa: E402,F401  (registers kfac, diag, kfac-natgrad, diag-natgrad)

@@ -85,7 +85,6 @@ from ..curvature.operators import exact_natural_direction
 from ..curvature.pytree import flatten
 from ..games.base import Batch, Game, Params
 from ..registry import OptionError, opt
-from . import SolverSpec, register_solver
 from .precond import PRECONDITIONERS, Preconditioner
 
 #: largest parameter block outside the K-FAC layers that gets an exact dense block
@@ -434,26 +433,6 @@ class DiagGGN(_BlockPreconditioner):
 PRECONDITIONERS.register(KFAC.name, KFAC)
 PRECONDITIONERS.register(DiagGGN.name, DiagGGN)
 
-# Extragradient on the rescaled natural direction (step sizes: docs/kfac.md, "Named solvers"):
-# the field-based presets, for every game.
-register_solver("eg+kfac", SolverSpec(
-    "eg", precond="kfac", summary="extragradient on the K-FAC (KFLR) natural direction, step fitted in function space",
-    lr={"*": 0.3, "rps": 0.4, "matching-pennies": 0.18, "bilinear": 0.7, "gan": 0.1, "openspiel": 0.1},
-))
-register_solver("eg+diag", SolverSpec(
-    "eg", precond="diag", summary="extragradient on the diagonal-GGN natural direction, step fitted in function space",
-    lr={"*": 0.3, "rps": 0.4, "matching-pennies": 0.18, "bilinear": 0.7, "gan": 0.05},
-))
-# The natural proximal-point solvers with K-FAC / diagonal pull-backs (hcc.solvers.prox): ten
-# preconditioned steps per pull-back, the cosine not logged (docs/kfac.md, "Pull-backs").
-_APPROX_PULLBACK = {"geometry": "logit", "pullback_steps": 10, "log_cosine": False}
-register_solver("kfac-natgrad", SolverSpec(
-    "prox", precond="kfac", precond_defaults=_APPROX_PULLBACK, lr={"*": 1.0},
-    summary="natural proximal point, K-FAC (KFLR) pull-back: 10 preconditioned Gauss-Newton steps",
-))
-register_solver("diag-natgrad", SolverSpec(
-    "prox", precond="diag", precond_defaults=_APPROX_PULLBACK, lr={"*": 1.0},
-    summary="natural proximal point, diagonal-GGN pull-back: 10 preconditioned Gauss-Newton steps",
-))
+# The named solvers on these preconditioners (eg+kfac, eg+diag, kfac-natgrad, diag-natgrad): hcc/solvers/presets.toml.
 
 __all__ = ["KFAC", "KFACOptions", "DiagGGN", "DiagOptions", "rescale_direction"]
