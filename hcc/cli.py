@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import shutil
 import sys
 import time
@@ -37,6 +38,7 @@ from .checkpoint import DEFAULT_EVERY, EXIT_INTERRUPTED, Checkpoint, Interrupted
 from .device import DTYPES
 from .games import GAMES, Params, make_game
 from .plots import gan_samples_figure, snapshot_steps
+from .plugins import is_spec
 from .records import folder_listing, jsonable, prepare_out, read_record, save_figure
 from .registry import (
     OptionError,
@@ -313,8 +315,16 @@ def solve(
                     stop_at_tol=not no_stop_at_tol, guard=_guard(guard))
         _check_build(game, solver, game_options, seed=seed, solver_options=solver_options, lr=lr, device=device,
                      dtype=dtype)
-    stem = f"{game}-{solver}" + (f"-seeds{seeds}" if seeds != 1 else "") + f"-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = f"{_stem(game)}-{solver}" + (f"-seeds{seeds}" if seeds != 1 else "") + f"-{time.strftime('%Y%m%d-%H%M%S')}"
     _launch("solve", args, out, stem=stem, overwrite=overwrite, resume=resume, every=checkpoint_every, quiet=quiet)
+
+
+def _stem(game: str) -> str:
+    """A folder-name part for ``game``: a spec ``dir/file.py:Class`` gives ``file-Class``."""
+    if is_spec(game):
+        where, _, attr = game.rpartition(":")
+        game = f"{Path(where).stem if where.endswith('.py') else where}-{attr}"
+    return re.sub(r"[^\w.+-]", "_", game)
 
 
 def _solve_body(a: dict[str, Any], out: Path, ckpt: Checkpoint, quiet: bool) -> int:
@@ -489,7 +499,7 @@ def spectrum(game: str, solver: str, lr: float | None, seed: int, game_opt: tupl
         check_seed("--seed", seed)
         game_options, solver_options = parse_key_values(game_opt), parse_key_values(solver_opt)
         _check_build(game, solver, game_options, seed=seed, solver_options=solver_options, lr=lr)
-    with _out_folder(out, f"spectrum-{game}-{solver}", overwrite) as path:
+    with _out_folder(out, f"spectrum-{_stem(game)}-{solver}", overwrite) as path:
         spec = run_spectrum(game, solver, lr=lr, game_options=game_options, solver_options=solver_options, seed=seed)
         spec.save(path)
     bound = spec.lemma4_step_bound
@@ -533,7 +543,7 @@ def field_(game: str, solvers: str, steps: int | None, seed: int, game_opt: tupl
         for n in names:
             SOLVERS[n]
         g = make_game(game, parse_key_values(game_opt), seed=seed)
-    with _out_folder(out, f"field-{game}", overwrite) as path:
+    with _out_folder(out, f"field-{_stem(game)}", overwrite) as path:
         old = torch.get_default_dtype()
         torch.set_default_dtype(torch.float64)
         try:
@@ -602,7 +612,7 @@ def compare(
         args = dict(game=game, solvers=names, seeds=seeds, steps=steps, tol=tol, game_options=game_options,
                     tune=tune or lr_grid is not None, grid=grid, factors=factors, device=device, dtype=dtype,
                     log_every=log_every, runs=not no_runs, pdf=not no_pdf, guard=_guard(guard))
-    stem = f"compare-{game}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = f"compare-{_stem(game)}-{time.strftime('%Y%m%d-%H%M%S')}"
     _launch("compare", args, out, stem=stem, overwrite=overwrite, resume=resume, every=checkpoint_every, quiet=quiet)
 
 
@@ -764,7 +774,7 @@ def sweep_(
                     game_options=game_options, solver_options=solver_options, boundary=boundary, guard=_guard(guard))
         _check_build(game, solver, game_options, seed=seed, solver_options=solver_options, lr=lr_list[0],
                      device=device, dtype=dtype)
-    stem = f"sweep-{game}-{solver}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = f"sweep-{_stem(game)}-{solver}-{time.strftime('%Y%m%d-%H%M%S')}"
     _launch("sweep", args, out, stem=stem, overwrite=overwrite, resume=resume, every=checkpoint_every, quiet=quiet)
 
 

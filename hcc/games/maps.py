@@ -55,6 +55,48 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+NETWORK_HELP = ("strategy network: mlp (width/depth/activation/out_scale) or a factory 'file.py:make' / "
+                "'package.module:make', make(input_dim, n_outputs) -> nn.Module of logits (the head is appended)")
+
+
+def check_network(network: str) -> None:
+    """``network`` is ``"mlp"`` or an importable factory spec (:func:`hcc.plugins.is_spec`)."""
+    from ..plugins import is_spec
+
+    if network != "mlp" and not is_spec(network):
+        raise OptionError(f"network: expected 'mlp' or a factory 'file.py:make' / 'package.module:make', "
+                          f"got {network!r}")
+
+
+def strategy_network(
+    network: str, in_dim: int, width: int, depth: int, out_dim: int, activation: str, head: nn.Module,
+    out_scale: float,
+) -> nn.Sequential:
+    """A finite game's strategy map: :func:`mlp`, or ``nn.Sequential(make(in_dim, out_dim), head)`` for a
+    user factory ``network = "file.py:make"`` (any ``nn.Module`` from inputs ``(n, in_dim)`` to logits
+    ``(n, out_dim)``; ``width``/``depth``/``activation``/``out_scale`` are the MLP's and not passed on)."""
+    if network == "mlp":
+        return mlp(in_dim, width, depth, out_dim, activation, head, out_scale)
+    from ..plugins import load_object
+
+    make = load_object(network, "network")
+    if not callable(make):
+        raise OptionError(f"network {network!r}: expected a callable make(input_dim, n_outputs), got {make!r}")
+    try:
+        body = make(in_dim, out_dim)
+    except Exception as e:
+        raise OptionError(f"network {network!r}: make({in_dim}, {out_dim}) failed: {type(e).__name__}: {e}") from e
+    if not isinstance(body, nn.Module):
+        raise OptionError(f"network {network!r}: expected make() to return an nn.Module, got {type(body).__name__}")
+    with torch.no_grad():
+        out = body(torch.zeros(2, in_dim))
+    if not (isinstance(out, Tensor) and tuple(out.shape) == (2, out_dim)):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise OptionError(f"network {network!r}: expected outputs of shape (n, {out_dim}) for inputs (n, {in_dim}), "
+                          f"got {got}")
+    return nn.Sequential(body, head)
+
+
 class Direct(nn.Module):
     """The identity parametrization: the parameter *is* the strategy, ``F_θ(x) = θ``.
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..registry import OptionError, opt
 from .base import Batch, Game, seeded
-from .maps import mlp, tabulate
+from .maps import NETWORK_HELP, check_network, strategy_network, tabulate
 
 
 @dataclass
@@ -38,8 +38,10 @@ class MatchingPenniesOptions:
     param: Literal["network", "functional"] = opt(
         "network", "strategy parametrization: network (σ∘MLP, the hidden game) | functional (f itself, kept in [0, 1])"
     )
+    network: str = opt("mlp", NETWORK_HELP)
 
     def validate(self) -> None:
+        check_network(self.network)
         if self.lam < 0:
             raise OptionError(f"lam: expected λ ≥ 0, got {self.lam}")
         for k in ("width", "input_dim"):
@@ -59,8 +61,9 @@ class MatchingPennies(Game):
         super().__init__(options, seed)
         o = options
         with seeded(seed):
-            self.min_map = mlp(o.input_dim, o.width, o.depth, 1, o.activation, nn.Sigmoid(), o.out_scale)
-            self.max_map = mlp(o.input_dim, o.width, o.depth, 1, o.activation, nn.Sigmoid(), o.out_scale)
+            net = (o.network, o.input_dim, o.width, o.depth, 1, o.activation)
+            self.min_map = strategy_network(*net, nn.Sigmoid(), o.out_scale)
+            self.max_map = strategy_network(*net, nn.Sigmoid(), o.out_scale)
             self.register_buffer("x_min", torch.randn(1, o.input_dim))
             self.register_buffer("x_max", torch.randn(1, o.input_dim))
         if o.param == "functional":  # f and g themselves, starting where the networks start

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from ..registry import OptionError, opt
 from .base import Batch, Game, seeded
 from .equilibrium import Certificate, CertificationError, Equilibrium, certified_equilibrium
-from .maps import mlp, tabulate
+from .maps import NETWORK_HELP, check_network, strategy_network, tabulate
 from .simplex import matrix_game_gap
 
 RPS_MATRIX = [[0.0, 1.0, -1.0], [-1.0, 0.0, 1.0], [1.0, -1.0, 0.0]]
@@ -118,8 +118,10 @@ class RPSOptions:
         "network", "strategy parametrization: network (softmax∘MLP, the hidden game) | "
         "functional (the mixed strategies themselves, kept on the simplex)"
     )
+    network: str = opt("mlp", NETWORK_HELP)
 
     def validate(self) -> None:
+        check_network(self.network)
         if self.lam < 0:
             raise OptionError(f"lam: expected λ ≥ 0, got {self.lam}")
         for k in ("width", "input_dim", "n_support"):
@@ -146,8 +148,9 @@ class MatrixGame(Game):
         M = torch.tensor(parse_payoff(o.payoff), dtype=torch.float64)
         m, k = M.shape
         with seeded(seed):
-            self.min_map = mlp(o.input_dim, o.width, o.depth, m, o.activation, nn.Softmax(-1), o.out_scale)
-            self.max_map = mlp(o.input_dim, o.width, o.depth, k, o.activation, nn.Softmax(-1), o.out_scale)
+            net = (o.network, o.input_dim, o.width, o.depth)
+            self.min_map = strategy_network(*net, m, o.activation, nn.Softmax(-1), o.out_scale)
+            self.max_map = strategy_network(*net, k, o.activation, nn.Softmax(-1), o.out_scale)
             self.register_buffer("x_min", torch.randn(o.n_support, o.input_dim))
             self.register_buffer("x_max", torch.randn(o.n_support, o.input_dim))
         if o.param == "functional":  # the strategies themselves, starting where the networks start
