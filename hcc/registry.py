@@ -45,6 +45,10 @@ class Registry(Generic[T], Mapping[str, T]):
         self._entries[name] = entry
         return entry
 
+    def entry(self, cls: Any) -> Any:
+        """Class decorator: register ``cls`` under its ``name`` attribute (``@RULES.entry``)."""
+        return self.register(cls.name, cls)
+
     def __getitem__(self, name: str) -> T:
         try:
             return self._entries[name]

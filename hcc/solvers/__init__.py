@@ -18,7 +18,6 @@ from typing import Any
 
 from ..games.base import Batch, Game, Params
 from ..registry import OptionError, Registry, build_options, check_positive
-from .natural import CG, Exact
 from .oracle import BOTH, Oracle, hamiltonian_grad, vector_field
 from .precond import PRECONDITIONERS, Preconditioner
 from .rules import RULES, Rule
@@ -291,10 +290,9 @@ def compose_solver(
 
 
 # -- the preconditioners and rules of the other modules ------------------------------------------
-PRECONDITIONERS.register(Exact.name, Exact)
-PRECONDITIONERS.register(CG.name, CG)
-# the prox rule; the surrogate, phgd, kfac and diag preconditioners
-from . import hidden, kfac, prox  # noqa: E402,F401
+# registered by @RULES.entry / @PRECONDITIONERS.entry at import: the exact and cg preconditioners, the
+# surrogate and phgd ones, kfac and diag, the prox rule
+from . import hidden, kfac, natural, prox  # noqa: E402,F401
 
 # -- the named solvers: hcc/solvers/presets.toml -------------------------------------------------
 for _name, _spec in load_presets().items():

@@ -75,6 +75,7 @@ class SurrogateOptions:
         check_geometry(self.geometry)
 
 
+@PRECONDITIONERS.entry
 class Surrogate(Preconditioner):
     r"""The surrogate-loss method as a preconditioner (module docstring): ``K`` gradient steps on
     ``½‖c(θ) − y‖²`` towards the function-space target ``y``; ``d = (θ_t − θ_K)/τ``."""
@@ -170,6 +171,7 @@ class PHGDOptions(ExactOptions):
             raise OptionError(f"decay: expected 0 ≤ decay ≤ 1, got {self.decay}")
 
 
+@PRECONDITIONERS.entry
 class PHGD(Exact):
     r"""Preconditioned hidden gradient descent's preconditioner ``(JᵀJ)⁺`` (module docstring), exact,
     undamped by default, with the stochastic form's minibatches and step schedule."""
@@ -211,7 +213,5 @@ class PHGD(Exact):
         return (out[0], out[1]), {"calls": state["calls"] + 1, "rng": gen.get_state()}, info
 
 
-PRECONDITIONERS.register(Surrogate.name, Surrogate)
-PRECONDITIONERS.register(PHGD.name, PHGD)
 
 __all__ = ["PHGD", "PHGDOptions", "Surrogate", "SurrogateOptions"]

@@ -338,6 +338,7 @@ class KFACOptions(_CommonOptions):
             raise OptionError(f"damping_split: expected one of {', '.join(SPLITS)}, got {self.damping_split!r}")
 
 
+@PRECONDITIONERS.entry
 class KFAC(_BlockPreconditioner):
     r"""K-FAC natural-gradient preconditioner: ``d_b = (G_b ⊗ Ā_b + λ_b I)⁻¹ v_b`` per layer.
 
@@ -398,6 +399,7 @@ class DiagOptions(_CommonOptions):
             raise OptionError(f"estimator: expected one of exact, mc, got {self.estimator!r}")
 
 
+@PRECONDITIONERS.entry
 class DiagGGN(_BlockPreconditioner):
     r"""Diagonal natural-gradient preconditioner: ``d = v ⊘ (diag A + λ_b)``, then the ``α`` rescaling.
 
@@ -430,8 +432,6 @@ class DiagGGN(_BlockPreconditioner):
         return DiagInverse(s, like, inv)
 
 
-PRECONDITIONERS.register(KFAC.name, KFAC)
-PRECONDITIONERS.register(DiagGGN.name, DiagGGN)
 
 # The named solvers on these preconditioners (eg+kfac, eg+diag, kfac-natgrad, diag-natgrad): hcc/solvers/presets.toml.
 

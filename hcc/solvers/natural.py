@@ -42,7 +42,7 @@ from ..curvature.operators import METHODS, Method, cg_natural_direction, exact_n
 from ..curvature.pytree import flatten
 from ..games.base import Batch, Game, Params
 from ..registry import OptionError, opt
-from .precond import Preconditioner
+from .precond import PRECONDITIONERS, Preconditioner
 
 # -- the function-space gradients the fast path feeds in -------------------------------------------
 
@@ -199,6 +199,7 @@ def _combine(infos: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+@PRECONDITIONERS.entry
 class Exact(_Natural):
     r"""The exact generalized natural gradient ``(A + λ/n·I)⁻¹Π_A`` per player.
 
@@ -259,6 +260,7 @@ class CGOptions:
             raise OptionError(f"maxiter: expected a positive integer, got {self.maxiter}")
 
 
+@PRECONDITIONERS.entry
 class CG(_Natural):
     r"""The natural gradient by matrix-free conjugate gradients on ``A + λ/n·I``.
 

@@ -83,11 +83,16 @@ class Preconditioner:
                                 getattr(self.options, "pullback_steps", 1))
 
 
+#: the preconditioners by name (each registered by ``@PRECONDITIONERS.entry`` at its class)
+PRECONDITIONERS: Registry[type[Preconditioner]] = Registry("preconditioner")
+
+
 @dataclass
 class IdentityOptions:
     pass
 
 
+@PRECONDITIONERS.entry
 class Identity(Preconditioner):
     """``P = I``: the plain (Euclidean) gradient field."""
 
@@ -98,5 +103,3 @@ class Identity(Preconditioner):
         return vec, state, {}
 
 
-PRECONDITIONERS: Registry[type[Preconditioner]] = Registry("preconditioner")
-PRECONDITIONERS.register("identity", Identity)

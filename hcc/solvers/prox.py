@@ -255,6 +255,7 @@ def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tup
     return ProxSolve(split(w_sol), n_total, res, H_cell[0], affine_cell[0])
 
 
+@RULES.entry
 class Prox(Rule):
     r"""The natural proximal-point rule (module docstring): an implicit function-space step
     ``z⁺ = z − ηCv(h(z⁺))`` pulled back by a Levenberg-Marquardt step with adaptive damping.
@@ -320,6 +321,5 @@ class Prox(Rule):
         return (out[0], out[1]), new_state, info
 
 
-RULES.register(Prox.name, Prox)
 
 __all__ = ["Prox", "ProxOptions", "ProxSolve", "proximal_target"]

@@ -51,6 +51,10 @@ class Rule:
 # -- gradient descent-ascent with (negative) heavy-ball momentum ------------------------
 
 
+#: the update rules by name (each registered by ``@RULES.entry`` at its class)
+RULES: Registry[type[Rule]] = Registry("update rule")
+
+
 @dataclass
 class GDAOptions:
     beta: float = opt(0.0, "heavy-ball momentum β (negative: negative momentum)")
@@ -61,6 +65,7 @@ class GDAOptions:
             raise OptionError(f"beta: expected -1 < β < 1, got {self.beta}")
 
 
+@RULES.entry
 class GDA(Rule):
     r"""Gradient descent-ascent, simultaneous or alternating, with heavy-ball momentum.
 
@@ -112,6 +117,7 @@ class EGOptions:
             raise OptionError(f"extra_lr: expected a positive number, got {self.extra_lr}")
 
 
+@RULES.entry
 class Extragradient(Rule):
     r"""Extragradient (Korpelevich 1976).
 
@@ -137,6 +143,7 @@ class NoOptions:
     pass
 
 
+@RULES.entry
 class Optimistic(Rule):
     r"""Optimistic GDA (Popov 1980; Daskalakis et al., ICLR 2018).
 
@@ -174,6 +181,7 @@ class ConsensusOptions:
             raise OptionError(f"gamma: expected γ ≥ 0, got {self.gamma}")
 
 
+@RULES.entry
 class Consensus(Rule):
     r"""Consensus optimization (Mescheder, Nowozin & Geiger 2017, Algorithm 2).
 
@@ -195,6 +203,7 @@ class Consensus(Rule):
         return axpy(-lr, d, params), state, {}
 
 
+@RULES.entry
 class Hamiltonian(Rule):
     r"""Hamiltonian gradient descent (Balduzzi et al. 2018; Abernethy et al. 2019).
 
@@ -223,6 +232,7 @@ class NSGDAOptions:
     eps: float = opt(1e-12, "added to the norm before dividing (0: exact normalization)", domain="nonnegative")
 
 
+@RULES.entry
 class NormalizedGDA(Rule):
     r"""Normalized (stochastic) GDA: unit-norm steps per player or per layer.
 
@@ -263,6 +273,7 @@ class AdamOptions:
                 raise OptionError(f"{k}: expected a value in [0, 1), got {getattr(self, k)}")
 
 
+@RULES.entry
 class Adam(Rule):
     r"""Adam-GDA (Kingma & Ba 2015) applied to each player's direction, simultaneously.
 
@@ -294,7 +305,3 @@ class Adam(Rule):
         )
         return new, {"m": m, "s": s, "t": t}, {}
 
-
-RULES: Registry[type[Rule]] = Registry("update rule")
-for _r in (GDA, Extragradient, Optimistic, Consensus, Hamiltonian, NormalizedGDA, Adam):
-    RULES.register(_r.name, _r)
