@@ -76,7 +76,7 @@ from .curvature.pytree import sq_norm, stack, unstack
 from .device import resolve_device, resolve_dtype
 from .games import Game, Params, make_game
 from .registry import OptionError, check_positive, check_seed
-from .run import GuardOptions, Result, _Stall, _stall_message, guard_options, solve
+from .run import GuardOptions, Result, _Stall, frozen_status, guard_options, solve
 from .solvers import Solver, make_solver
 from .solvers.natural import CG, Exact
 from .solvers.oracle import vector_field
@@ -410,10 +410,10 @@ def solve_batch(
             res.history.append({"step": d, **({"lyapunov": V_d} if has_V else {}), "param_norm": bad_norm_l[i]})
             res.final = dict(res.history[-2]) if len(res.history) > 1 else {}
         elif stop >= 0:
-            res.status, res.stalled_at = "stalled", stop
             norm = math.sqrt(float(sq_norm(vector_field(games[i], unstack(params, i), unstack(eval_batch, i)))))
-            res.message = _stall_message(stop, gd, watched_names[what_l[i]], V_hist[stop][i] if has_V else None,
-                                         norm)
+            res.status, res.message = frozen_status(stop, gd, watched_names[what_l[i]],
+                                                    V_hist[stop][i] if has_V else None, norm, tol)
+            res.stalled_at = stop if res.status == "stalled" else None
             res.final = dict(res.history[-1])
         else:
             res.status = "converged" if res.converged else "max_steps"

@@ -8,6 +8,9 @@ for games whose equilibria are not unique, the duality gap)
 - ``max_steps`` after ``steps`` steps;
 - ``diverged`` at the first step whose iterate or ``V`` is NaN/inf, or whose ``V`` exceeds
   ``diverge_at``;
+- ``stationary`` (games without ``V`` only) when the strategies are frozen as below and the field
+  norm ``|v|`` is at most ``tol`` (but above the ``1e-30`` of a saturated map): a zero of the field,
+  the best a run can certify without a known equilibrium;
 - ``stalled`` when the iterate is frozen away from the equilibrium: over the last
   ``stall_window`` steps ``V`` (games without ``V``: the payoff at the logged steps) varied
   by at most ``stall_rtol`` relative to its value, while ``V > tol``. This is how a huge
@@ -64,8 +67,10 @@ from .solvers.oracle import vector_field
 _jsonable = jsonable  # the name compare/sweep used
 
 #: statuses of a run that ended without failing, and of one that failed (exit code 3 in the CLI)
-OK_STATUSES = ("converged", "max_steps")
+OK_STATUSES = ("converged", "stationary", "max_steps")
 FAILED_STATUSES = ("diverged", "stalled")
+#: a field norm at or below this on a frozen iterate is a saturated (dead) map, not a stationary point
+DEAD_FIELD = 1e-30
 
 
 @dataclass
@@ -118,7 +123,7 @@ class Result:
     converged: bool | None = None
     steps_to_tol: int | None = None
     tol: float | None = None
-    status: str = "running"  # converged | max_steps | diverged | stalled (| interrupted, read back unfinished)
+    status: str = "running"  # converged | stationary | max_steps | diverged | stalled (| interrupted: read back)
     diverged_at: int | None = None
     stalled_at: int | None = None
     message: str = ""
@@ -406,8 +411,9 @@ def solve(
             stuck = [name for name, f in (frozen or {}).items() if f]
             if stuck and (V is None or V > tol):
                 row = row or record(t, info)
-                res.status, res.stalled_at = "stalled", t
-                res.message = _stall_message(t, g, stuck[0], V, _field_norm(game, params, eval_batch, row))
+                res.status, res.message = frozen_status(t, g, stuck[0], V, _field_norm(game, params, eval_batch, row),
+                                                        tol)
+                res.stalled_at = t if res.status == "stalled" else None
                 break
             if not last and checkpoint is not None:
                 checkpoint.poll(snapshot, f"step {t} of {steps}")
@@ -432,11 +438,22 @@ def _field_norm(game: Game, params: Params, batch: Any, row: Mapping[str, float]
     return math.sqrt(float(sq_norm(vector_field(game, params, batch))))
 
 
+def frozen_status(t: int, g: GuardOptions, name: str, V: float | None, field_norm: float, tol: float
+                  ) -> tuple[str, str]:
+    """``(status, message)`` of a run frozen at step ``t``: ``stationary`` for a game without ``V``
+    whose field norm is at most ``tol`` (and above :data:`DEAD_FIELD`), else ``stalled``."""
+    if V is None and DEAD_FIELD < field_norm <= tol:
+        return "stationary", (f"stationary at step {t}: the strategies varied by at most {g.stall_rtol:g} (relative) "
+                              f"over the last {g.stall_window} steps and the field |v| = {field_norm:.3g} ≤ tol = "
+                              f"{tol:g} (the game knows no equilibrium, so V is not measured)")
+    return "stalled", _stall_message(t, g, name, V, field_norm)
+
+
 def _stall_message(t: int, g: GuardOptions, name: str, V: float | None, field_norm: float) -> str:
     what = f"V = {V:.4g}" if name == "V" else _MONITORS[name]
     return (f"stalled at step {t}: {what} varied by at most {g.stall_rtol:g} (relative) over the last "
             f"{g.stall_window} steps, field |v| = {field_norm:.3g}"
-            + (" (dead: the strategies saturated; try a smaller --lr)" if field_norm < 1e-30 else ""))
+            + (" (dead: the strategies saturated; try a smaller --lr)" if field_norm <= DEAD_FIELD else ""))
 
 
 def run(
@@ -480,6 +497,7 @@ def run(
 
 
 __all__ = [
-    "DTYPES", "FAILED_STATUSES", "OK_STATUSES", "GuardOptions", "Result", "blank_nonfinite", "guard_options",
+    "DTYPES", "FAILED_STATUSES", "OK_STATUSES", "GuardOptions", "Result", "blank_nonfinite", "frozen_status",
+    "guard_options",
     "is_frozen", "load_results", "resolve_device", "resolve_dtype", "run", "solve", "write_history_csv",
 ]

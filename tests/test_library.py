@@ -353,3 +353,17 @@ def test_conv_gan_kfac_direction_against_the_dense_exact_one() -> None:
     mean = {k: sum(v) / 3 for k, v in cos_k.items()}
     assert mean[0] > 0.35 and mean[0] > 2 * sum(cos_g[0]) / 3, (cos_k, cos_g)
     assert mean[1] > 0.1 and sum(cos_g[1]) / 3 > 0.7, (cos_k, cos_g)
+
+
+def test_the_readme_game_runs_from_the_cli(tmp_path: Path) -> None:
+    """The README's ``duel.py`` (no equilibrium given) solved by ``hcc solve duel.py:Duel``: without
+    ``V`` the run ends ``stationary`` (frozen strategies, field norm ≤ tol), exit 0."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("# duel.py\n")
+    (tmp_path / "duel.py").write_text(readme[start:readme.index("```", start)])
+    out = tmp_path / "run"
+    r = hcc("solve", f"{tmp_path / 'duel.py'}:Duel", "--solver", "exact-natgrad", "--quiet", "--out", out)
+    assert r.exit_code == 0, r.output
+    res = H.load_results(out)[0]
+    assert res.status == "stationary" and res.converged is None, res.message
+    assert res.final["field_norm"] <= 1e-6 and res.steps_run < 100
