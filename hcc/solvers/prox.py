@@ -121,8 +121,33 @@ class ProxSolve:
     affine: bool = False
 
 
-def _block_diag(blocks: Tensor) -> Tensor:
-    return torch.block_diag(*blocks.unbind(0))
+def _blocks_apply(blocks: tuple[Tensor, Tensor], X: Tensor, split: int) -> Tensor:
+    """``blockdiag(B₀, B₁) X`` for per-point blocks ``Bₚ`` of shape ``(n, a, b)``: rows ``[:split]`` of ``X``
+    belong to the first player."""
+    out = []
+    for B, Xp in zip(blocks, (X[:split], X[split:]), strict=True):
+        n, a, b = B.shape
+        out.append(torch.einsum("nab,nbm->nam", B, Xp.reshape(n, b, -1)).reshape(n * a, -1))
+    return torch.cat(out)
+
+
+def _newton_step(C: tuple[Tensor, Tensor], H: Tensor, D: tuple[Tensor, Tensor], R: Tensor, e: float,
+                 nv: int) -> Tensor:
+    r"""``−(I + e·C H D)⁻¹ R`` in the coordinates, by the push-through identity
+
+    .. math:: (I + eCHD)^{-1} = I − eCH\,(I + eDCH)^{-1} D,
+
+    so the dense solve is in the values (``N_v``, not the coordinates: a masked head has twice as many),
+    and the block-diagonal ``C``, ``D`` are applied blockwise: ``O(N_v³ + N_v² k)`` instead of the
+    ``O(N_z³)`` of three dense products and a dense solve (Leduc poker: ``N_v = 2808``, ``N_z = 5616``).
+    """
+    nc = C[0].shape[0] * C[0].shape[1]  # the first player's coordinates
+    DC = tuple(torch.einsum("nab,nbc->nac", d, c) for d, c in zip(D, C, strict=True))  # values × values blocks
+    DCH = _blocks_apply(DC, H, nv)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    DR = _blocks_apply(D, R[:, None], nc)
+    u = torch.linalg.solve(eye + e * DCH, DR)
+    return -R + e * _blocks_apply(C, H @ u, nv)[:, 0]
 
 
 def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tuple[Tensor, Tensor] | None = None,
@@ -150,9 +175,9 @@ def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tup
     z0 = torch.cat([z[0].reshape(-1), z[1].reshape(-1)])
     dt = z0.dtype
     tol = 1e4 * torch.finfo(dt).eps if tol is None else tol
-    eye = torch.eye(z0.numel(), dtype=dt, device=z0.device)
-    C = torch.block_diag(_block_diag(coordinate_step_matrix(z[0], heads[0])),
-                         _block_diag(coordinate_step_matrix(z[1], heads[1])))
+    # C (coordinates × values) and D = ∂F/∂z (values × coordinates) are block-diagonal, a k × k block per
+    # support point: kept as blocks and applied by einsum
+    C = (coordinate_step_matrix(z[0], heads[0]), coordinate_step_matrix(z[1], heads[1]))
     budget = [iters]
     # the values F = h(z) may have fewer columns than the coordinates (the masked head's mask)
     vshapes = tuple(link(t, h).shape for t, h in zip(z, heads, strict=True))
@@ -204,11 +229,11 @@ def proximal_target(fs: Any, z: tuple[Tensor, Tensor], eta: float, *, start: tup
             budget[0] -= 1
             n_it += 1
             a, b = split(w)
-            D = torch.block_diag(_block_diag(link_jacobian(a, heads[0])), _block_diag(link_jacobian(b, heads[1])))
+            D = (link_jacobian(a, heads[0]), link_jacobian(b, heads[1]))
             if H_cell[0] is None:
                 H_cell[0] = fs.field_jacobian(FG[:nv].reshape(vshapes[0]), FG[nv:].reshape(vshapes[1]))
             H = H_cell[0]
-            step = torch.linalg.solve(eye + e * (C @ H @ D), -R)
+            step = _newton_step(C, H, D, R, e, nv)
             s, rn = 1.0, R.norm()
             while True:
                 w_try = w + s * step
