@@ -49,7 +49,7 @@ from hcc.run import Result
 TARGETS = {"kuhn_poker": 1e-4, "leduc_poker": 1e-2}
 #: hcc solvers run by default, ``NAME[@LR][:game options]`` (no LR: the registry's step × the game's lr_scale)
 DEFAULT_HCC = {
-    "kuhn_poker": ["kfac-natgrad", "kfac-natgrad:strategy=realization", "exact-natgrad", "eg", "adam@0.01"],
+    "kuhn_poker": ["exact-natgrad", "cg-natgrad", "kfac-natgrad", "eg+kfac", "adam@0.01"],
     "leduc_poker": ["kfac-natgrad", "kfac-natgrad:strategy=realization", "adam@0.001"],
 }
 METRIC = "openspiel_exploitability"
