@@ -147,7 +147,7 @@ def entries(game: str, grid: Sequence[float], nat_grid: Sequence[float], plain_s
         rows.append(Entry(name, name, [lr0 * m for m in nat_grid], nat_steps, natural=True))
     rows.append(Entry(UNDAMPED, "eg+exact", [nat0 * m for m in nat_grid], nat_steps, solver_options={"damping": 0.0},
                       natural=True))
-    # Euler on the natural flow is stable only for h < 2a/(a² + b²) (design.md §2): a small-step grid
+    # Euler on the natural flow is stable only for h < 2a/(a² + b²): a small-step grid
     rows.append(Entry(NAT_GDA, NAT_GDA, [0.05 * m for m in nat_grid], nat_steps, natural=True))
     return rows
 

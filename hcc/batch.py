@@ -45,7 +45,7 @@ move a converged solve, so the result equals the early-stopping run's, at the co
 always paying ``maxiter`` iterations. ``kfac`` and ``diag`` (and ``exact`` with
 ``backend=backpack``) are **not** batched: BackPACK computes its factors with module
 hooks on a stateful, extended module, which :mod:`torch.func` transforms cannot see
-through (curvature-notes.md); they raise an :class:`~hcc.registry.OptionError` saying to
+through; they raise an :class:`~hcc.registry.OptionError` saying to
 run those instances one by one.
 
 >>> from hcc.batch import run_batch

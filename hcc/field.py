@@ -12,7 +12,7 @@ is drawn as a stream plot, with the iterates of several solvers on top. The
 solvers run in *parameter space*; what is drawn is the ``(F, G)`` image of their
 iterates (for the bilinear game with ``dim = 1`` the parameters are ``(F, G)``;
 for hidden matching pennies ``(f(θ), g(φ))``). The field drawn is the one the
-natural-gradient flow follows in function space (design.md §2); plain gradients
+natural-gradient flow follows in function space; plain gradients
 in parameter space move ``(F, G)`` along the field scaled by each player's
 ``‖J‖²``, and off it once the step is finite.
 

@@ -1,6 +1,6 @@
 """Metrics in function space: Lyapunov ``V``, duality gap, field norm, payoff.
 
-``V(θ, φ) = ½ E‖F_θ − F*‖² + ½ E‖G_φ − G*‖²`` (design.md §1) is the quantity the
+``V(θ, φ) = ½ E‖F_θ − F*‖² + ½ E‖G_φ − G*‖²`` is the quantity the
 natural-gradient flow drives to 0 in a strictly convex-concave hidden game; the
 duality gap ``max_G L(F, G) − min_F L(F, G)`` is ≥ 0 and 0 exactly at equilibrium;
 ``‖v‖`` is the Euclidean norm of the parameter-space vector field.

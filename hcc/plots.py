@@ -1,7 +1,7 @@
 """Plots of saved runs: Lyapunov decay, duality gap, field norm, GAN sample quality.
 
-Plots read :class:`~hcc.run.Result` records only (design.md §5: plots read saved
-results). Figures are built with the object-oriented API (:class:`~matplotlib.figure.Figure`,
+Plots read :class:`~hcc.run.Result` records only (never live
+objects). Figures are built with the object-oriented API (:class:`~matplotlib.figure.Figure`,
 no ``pyplot``), so nothing touches the global backend or needs a display, and no
 figure is left open.
 

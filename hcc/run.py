@@ -387,12 +387,17 @@ def solve(
                 batch = game.sample_batch(gen)
             sane = params
             ts = time.perf_counter()
-            params, state, info = solver.step(game, params, state, batch)
+            failed = None
+            try:
+                params, state, info = solver.step(game, params, state, batch)
+            except torch.linalg.LinAlgError as e:  # a solve on a non-finite or degenerate system: diverged
+                failed, params, info = f"a linear solve failed ({str(e).splitlines()[0][:100]})", sane, {}
             step_time += time.perf_counter() - ts
-            V = progress_value(game, params, eval_batch) if has_V else None
-            finite = all_finite(params)
+            V = progress_value(game, params, eval_batch) if has_V and failed is None else None
+            finite = failed is None and all_finite(params)
             if not finite or (V is not None and not (math.isfinite(V) and V <= g.diverge_at)):
-                what = "non-finite parameters" if not finite else f"{name} = {V:.3g} beyond {g.diverge_at:.3g}"
+                what = failed or ("non-finite parameters" if not finite
+                                  else f"{name} = {V:.3g} beyond {g.diverge_at:.3g}")
                 res.status, res.diverged_at, res.message = "diverged", t, f"diverged at step {t}: {what}"
                 bad = {"step": t, "time_s": step_time, **({metric: V} if V is not None else {}),
                        "param_norm": math.sqrt(float(sq_norm(params)))}

@@ -264,7 +264,7 @@ def sweep_figure(records: Sequence[Result], title: str = "", boundary: float | N
     """Converged fraction vs lr; box plots of steps to tol per lr; box plots of ``V(T)/V(T/2)`` per lr.
 
     ``boundary``: a step size drawn as a dashed vertical line (e.g. the Euler stability
-    limit ``2a/(a² + b²)`` of design.md §2).
+    limit ``2a/(a² + b²)``).
     """
     summ = summary_rows(records)
     lrs = [s["lr"] for s in summ]

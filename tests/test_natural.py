@@ -116,7 +116,7 @@ def test_exact_max_player_and_multi_support_gan_style():
 
 
 def test_exact_is_minimum_norm_and_moves_function_by_projected_gradient():
-    """Undamped: ``d ∈ row(J)`` and ``J d = Π (n g)``, the function-space gradient step (design.md §2)."""
+    """Undamped: ``d ∈ row(J)`` and ``J d = Π (n g)``, the function-space gradient step."""
     _, module, params, x = _setup("rps", {"width": 8, "n_support": 2}, 0)
     g, _, _ = _vectors(module, params, x)
     J = jacobian_matrix(module, params, x)

@@ -1,6 +1,6 @@
 """The game base class: a function-space payoff over two strategy maps.
 
-A hidden convex-concave game (design.md §1) is
+A hidden convex-concave game is
 
 .. math::
 

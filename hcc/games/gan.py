@@ -1,4 +1,4 @@
-r"""Small GANs on 2-D mixtures of Gaussians (design.md §4).
+r"""Small GANs on 2-D mixtures of Gaussians.
 
 The generator ``G_θ : R^d → R²`` (an MLP with linear output, the min player) maps
 latent draws ``z ~ N(0, I_d)`` to points; the discriminator (the max player) is an

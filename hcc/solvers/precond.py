@@ -1,6 +1,6 @@
 """Preconditioners: operators that apply (an approximation of) ``A_θ⁻¹`` to a field.
 
-The generalized natural-gradient flow (design.md §2) preconditions each player's
+The generalized natural-gradient flow preconditions each player's
 gradient with the inverse of its Jacobian Gram matrix ``A_θ = E_x[J_θ(x)ᵀ J_θ(x)]``.
 A preconditioner is a small stateful operator: :meth:`Preconditioner.init` makes
 its state (running averages, warm starts) from the parameters, and

@@ -126,7 +126,7 @@ class Extragradient(Rule):
         x_{t+½} = x_t - h' d(x_t), \qquad x_{t+1} = x_t - h\, d(x_{t+½}).
 
     Converges on bilinear games where GDA diverges; on the natural direction it
-    tolerates far larger steps than simultaneous Euler (design.md §2).
+    tolerates far larger steps than simultaneous Euler.
     """
 
     name = "eg"
