@@ -332,7 +332,7 @@ def _solve_body(a: dict[str, Any], out: Path, ckpt: Checkpoint, quiet: bool) -> 
         return _seeds_body(a, out, ckpt, quiet)
     game = a["game"]
     n_steps = a["steps"] if a["steps"] is not None else GAMES[game].default_steps
-    snapshots = _Snapshots(n_steps) if hasattr(GAMES[game], "samples") else None
+    snapshots = _Snapshots(n_steps) if callable(getattr(GAMES[game], "samples", None)) else None
     with _progress(n_steps, quiet) as progress:
         res = run(game, a["solver"], game_options=a["game_options"], solver_options=a["solver_options"], lr=a["lr"],
                   steps=a["steps"], tol=a["tol"], seed=a["seed"], device=a["device"], dtype=a["dtype"],

@@ -13,6 +13,7 @@ from ..plugins import is_spec, load_object
 from ..registry import OptionError, Registry, build_options, check_mapping, check_name, check_seed
 from .base import Batch, Game, Params, seeded
 from .bilinear import Bilinear
+from .digits import DigitsGAN
 from .discrete_gan import DiscreteGAN
 from .gan import GAN
 from .matching_pennies import MatchingPennies
@@ -82,7 +83,7 @@ def register_game(cls: type[Game] | None = None, *, name: str | None = None) -> 
     return deco(cls) if cls is not None else deco
 
 
-for _g in (Bilinear, MatchingPennies, RPS, MatrixGame, GAN, DiscreteGAN, OpenSpielGame):
+for _g in (Bilinear, MatchingPennies, RPS, MatrixGame, GAN, DigitsGAN, DiscreteGAN, OpenSpielGame):
     register_game(_g)
 
 
@@ -130,6 +131,6 @@ def _changed(options: Any) -> str:
 
 
 __all__ = [
-    "GAMES", "GAN", "RPS", "Batch", "Bilinear", "DiscreteGAN", "Game", "GameRegistry", "MatchingPennies", "MatrixGame",
-    "NoOptions", "OpenSpielGame", "Params", "make_game", "register_game", "seeded",
+    "GAMES", "GAN", "RPS", "Batch", "Bilinear", "DigitsGAN", "DiscreteGAN", "Game", "GameRegistry", "MatchingPennies",
+    "MatrixGame", "NoOptions", "OpenSpielGame", "Params", "make_game", "register_game", "seeded",
 ]

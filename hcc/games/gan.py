@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as Fn
@@ -161,6 +161,21 @@ def mode_stats(samples: Tensor, centres: Tensor, std: float, min_count: int = 1)
 # -- the game --------------------------------------------------------------------------------
 
 
+def check_gan_options(o: Any) -> None:
+    """The checks every GAN's options share: loss, activation, sizes."""
+    if o.loss not in ("standard", "nonsaturating"):
+        raise OptionError(f"loss: expected one of standard, nonsaturating, got {o.loss!r}")
+    if o.activation not in ACTIVATIONS:
+        raise OptionError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {o.activation!r}")
+    for k in ("latent_dim", "width", "batch_size"):
+        if getattr(o, k) < 1:
+            raise OptionError(f"{k}: expected a positive integer, got {getattr(o, k)}")
+    if o.depth < 0:
+        raise OptionError(f"depth: expected ≥ 0, got {o.depth}")
+    if o.n_eval < 2:
+        raise OptionError(f"n_eval: expected an integer ≥ 2, got {o.n_eval}")
+
+
 @dataclass
 class GANOptions:
     dataset: Literal["ring", "grid"] = opt("ring", "data: 8 Gaussians on a circle (ring) or 5×5 on a grid (grid)")
@@ -183,21 +198,11 @@ class GANOptions:
     def validate(self) -> None:
         if self.dataset not in ("ring", "grid"):
             raise OptionError(f"dataset: expected one of ring, grid, got {self.dataset!r}")
-        if self.loss not in ("standard", "nonsaturating"):
-            raise OptionError(f"loss: expected one of standard, nonsaturating, got {self.loss!r}")
-        if self.activation not in ACTIVATIONS:
-            raise OptionError(f"activation: expected one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        check_gan_options(self)
         for k in ("std", "radius", "spacing"):
             v = getattr(self, k)
             if not (v > 0 and math.isfinite(v)):
                 raise OptionError(f"{k}: expected a positive finite number, got {v}")
-        for k in ("latent_dim", "width", "batch_size"):
-            if getattr(self, k) < 1:
-                raise OptionError(f"{k}: expected a positive integer, got {getattr(self, k)}")
-        if self.depth < 0:
-            raise OptionError(f"depth: expected ≥ 0, got {self.depth}")
-        if self.n_eval < 2:
-            raise OptionError(f"n_eval: expected an integer ≥ 2, got {self.n_eval}")
         if not 0 <= self.mode_share <= 1:
             raise OptionError(f"mode_share: expected a value in [0, 1], got {self.mode_share}")
 
