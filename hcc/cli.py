@@ -370,9 +370,12 @@ class _Snapshots:
     def save(self, game: Any, res: Result, path: Path) -> None:
         """Draw the samples at the kept steps (and the run's last sane step) next to the data."""
         game = game.to(torch.float64)
-        shots = [(t, game.samples(tuple({k: v.to(torch.float64) for k, v in d.items()} for d in p))[0])
-                 for t, p in sorted(self.params.items())]
-        real = game.samples(next(iter(self.params.values())))[1]
+
+        def f64(p: Params) -> Params:
+            return tuple({k: v.to(torch.float64) for k, v in d.items()} for d in p)  # type: ignore[return-value]
+
+        shots = [(t, game.samples(f64(p))[0]) for t, p in sorted(self.params.items())]
+        real = game.samples(f64(next(iter(self.params.values()))))[1]
         fig = gan_samples_figure(real, shots, title=f"{res.game} · {res.solver}: generator samples over training")
         save_figure(fig, path, dpi=120)
 

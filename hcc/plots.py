@@ -167,8 +167,12 @@ def gan_samples_figure(
     ``snapshots`` is ``[(step, samples (n, 2)), …]``, e.g. collected with
     :func:`hcc.run.solve`'s ``callback`` and :meth:`hcc.games.gan.GAN.samples`.
     All panels share the data's limits, so mode collapse and drift read at a glance.
+    Samples of dimension ``s²`` > 2 (8×8 digits: 64) are images: each panel then tiles the first
+    16 as a 4 × 4 grid, the data's panel first.
     """
     real = np.asarray(real, dtype=float)
+    if real.shape[1] > 2:
+        return _image_grids(real, snapshots, title)
     lo, hi = real.min(axis=0), real.max(axis=0)
     pad = 0.25 * (hi - lo).max() + 0.1
     n = max(len(snapshots), 1)
@@ -184,6 +188,30 @@ def gan_samples_figure(
         ax.set_title(f"step {step}", fontsize=9)
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7, loc="upper left", markerscale=3)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _tiles(images: np.ndarray, rows: int = 4) -> np.ndarray:
+    """The first ``rows²`` images (``n × s²``) tiled into one ``(rows·s) × (rows·s)`` array."""
+    s = int(round(math.sqrt(images.shape[1])))
+    if s * s != images.shape[1]:
+        raise ValueError(f"image samples: expected a square number of pixels, got {images.shape[1]}")
+    k = rows * rows
+    x = np.full((k, s, s), np.nan)
+    x[: min(k, len(images))] = images[:k].reshape(-1, s, s)
+    return x.reshape(rows, rows, s, s).transpose(0, 2, 1, 3).reshape(rows * s, rows * s)
+
+
+def _image_grids(real: np.ndarray, snapshots: Sequence[tuple[int, Any]], title: str) -> Figure:
+    n = len(snapshots) + 1
+    fig = Figure(figsize=(2.0 * n, 2.3), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    panels = [("data", real)] + [(f"step {t}", np.asarray(f, dtype=float)) for t, f in snapshots]
+    for ax, (name, imgs) in zip(axes, panels, strict=True):
+        ax.imshow(_tiles(imgs), cmap="gray_r", vmin=-1, vmax=1)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
     fig.suptitle(title, fontsize=10)
     return fig
 

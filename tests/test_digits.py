@@ -44,3 +44,13 @@ def test_digits_gan_options_are_checked() -> None:
     g = hcc.make_game("digits-gan", {"arch": "mlp", "width": 16})
     b = g.sample_batch(torch.Generator().manual_seed(0))
     assert b["real"].shape == (64, 64) and float(b["real"].min()) >= -1 and float(b["real"].max()) <= 1
+
+
+def test_the_cli_writes_digit_sample_grids(tmp_path) -> None:
+    from conftest import assert_image
+    from conftest import hcc_cli as cli
+
+    out = tmp_path / "run"
+    r = cli("solve", "digits-gan", "--solver", "adam", "--steps", "20", "--dtype", "float32", "--quiet", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert_image(out / "samples.png")

@@ -193,8 +193,6 @@ class DigitsGAN(GAN):
                     "classes_covered": float(m.covered(fake.cpu(), self.options.class_share)),
                     "d_distance": float((torch.sigmoid(logits) - 0.5).abs().mean())}
 
-    #: no 2-D sample scatter for images (the CLI draws sample scatters for games with ``samples``)
-    samples = None  # type: ignore[assignment]
 
     def describe(self) -> dict[str, object]:
         return {**super(GAN, self).describe(), "arch": self.options.arch}
