@@ -257,12 +257,6 @@ class GameOptimizer:
         a, b = self._modules()
         return ({k: v.detach() for k, v in a.named_parameters()}, {k: v.detach() for k, v in b.named_parameters()})
 
-    def _write(self, params: Params) -> None:
-        with torch.no_grad():
-            for m, p in zip(self._modules(), params, strict=True):
-                for k, v in m.named_parameters():
-                    v.copy_(p[k])
-
     # -- the step ----------------------------------------------------------------------------
     def step(self, closure: Closure | None = None, batch: Batch | None = None) -> Tensor | tuple[Tensor, Tensor] | None:
         """One solver step; returns what the closure returned at the current point (detached),
@@ -293,14 +287,14 @@ class GameOptimizer:
         finally:
             if self.on_modules:
                 game.set_closure(None)  # type: ignore[union-attr]
-        if not all(bool(torch.isfinite(v).all()) for p in new for v in p.values()):
-            bad = [f"{('min', 'max')[i]}:{k}" for i, p in enumerate(new) for k, v in p.items()
-                   if not bool(torch.isfinite(v).all())]
+        bad = [f"{('min', 'max')[i]}:{k}" for i, p in enumerate(new) for k, v in p.items()
+               if not bool(torch.isfinite(v).all())]
+        if bad:
             raise FloatingPointError(
                 f"GameOptimizer.step: step {self.steps + 1} of {self.solver.name} produced non-finite parameters "
                 f"({', '.join(bad[:4])}{', …' if len(bad) > 4 else ''}); the modules keep the step-{self.steps} "
                 "parameters (try a smaller lr)")
-        self._write(new)
+        game.load_params(new)
         self.steps += 1
         return first
 

@@ -1,6 +1,6 @@
 """The functional parametrization (``param=functional``): the parameters are the function values.
 
-Tiers (style.md §8): the map reproduces the function values and stays on its domain;
+Tiers: the map reproduces the function values and stays on its domain;
 one step equals projected GDA / extragradient on ``L(F, G)`` written by hand; extragradient
 converges to the equilibrium; and the natural-gradient dynamics of the network
 parametrization track the functional dynamics at the same step size.

@@ -1,6 +1,6 @@
 """K-FAC / KFLR and diagonal-GGN preconditioners (hcc/solvers/kfac.py on hcc/curvature) against dense references.
 
-Tiers (style.md §8): exactness of the curvature against ``A = (1/n) Σ J_iᵀJ_i`` built
+Tiers: exactness of the curvature against ``A = (1/n) Σ J_iᵀJ_i`` built
 with :func:`torch.func.jacrev` here (independently of the module's own helpers),
 BackPACK against the autograd implementation, the state machinery (running averages,
 refresh period), the function-space rescaling ``α``, and convergence on the games.

@@ -1,6 +1,6 @@
 """The exact and CG natural-gradient preconditioners against dense references.
 
-Three tiers (style.md §8): operators against a dense float64 reference built
+Three tiers: operators against a dense float64 reference built
 independently (``jacrev`` on the whole batch, ``A = JᵀJ/n``, ``pinv``); one-step
 and invariance properties; convergence of the named solvers with their defaults.
 """

@@ -1,6 +1,6 @@
 """One-step equivalence of every update rule with hand-written math.
 
-Tier 2 of the test plan (style.md §8): each rule's step equals an independent
+Tier 2 of the test plan: each rule's step equals an independent
 computation — ``torch.optim`` on the modules (descent for the min player,
 ``maximize=True`` for the max player) or the closed-form field of the bilinear
 game ``v(θ, φ) = (Aφ + λθ, −Aᵀθ + λφ)``.

@@ -53,7 +53,7 @@ def check_game_class(cls: Any, where: str) -> type[Game]:
     class without ``Options`` gets :class:`NoOptions`."""
     if not (isinstance(cls, type) and issubclass(cls, Game)):
         raise OptionError(f"game {where!r}: expected a subclass of hcc.Game, got {cls!r}")
-    if "Options" not in vars(cls) and not hasattr(cls, "Options"):
+    if not hasattr(cls, "Options"):
         cls.Options = NoOptions
     if not dataclasses.is_dataclass(cls.Options):
         raise OptionError(f"game {where!r}: expected Options to be a dataclass, got {cls.Options!r}")

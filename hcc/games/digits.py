@@ -35,7 +35,7 @@ from torch.func import functional_call
 
 from ..registry import OptionError, opt
 from .base import Batch, Params, seeded
-from .gan import GAN, check_gan_options
+from .gan import GANGame, check_gan_options
 from .maps import mlp
 
 #: images kept out of training (the held-out reference of the metrics)
@@ -144,16 +144,16 @@ class DigitsGANOptions:
             raise OptionError(f"class_share: expected a value in [0, 1], got {self.class_share}")
 
 
-class DigitsGAN(GAN):
+class DigitsGAN(GANGame):
     """The GAN on 8 × 8 digits (module docstring); batches hold latent draws and real images (``n × 64``)."""
 
     name = "digits-gan"
-    Options = DigitsGANOptions  # type: ignore[assignment]
+    Options = DigitsGANOptions
     default_steps = 2000
     default_log_every = 50
 
-    def __init__(self, options: DigitsGANOptions, seed: int = 0) -> None:  # type: ignore[override]
-        super(GAN, self).__init__(options, seed)
+    def __init__(self, options: DigitsGANOptions, seed: int = 0) -> None:
+        super().__init__(options, seed)
         o = options
         digit_images()  # fails early, with the install hint, without scikit-learn
         with seeded(seed):
@@ -162,11 +162,7 @@ class DigitsGAN(GAN):
             else:
                 self.min_map = mlp(o.latent_dim, o.width, o.depth, 64, o.activation, nn.Tanh())
                 self.max_map = mlp(64, o.width, o.depth, 1, o.activation)
-        self.zero_sum = o.loss == "standard"  # type: ignore[misc]
         self.register_buffer("ref", torch.zeros(()))  # the device and dtype batches are made in
-
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        return super(GAN, self)._apply(fn, recurse)
 
     def _draw(self, n: int, generator: torch.Generator | None) -> Batch:
         train = digit_images()[0]
@@ -195,7 +191,7 @@ class DigitsGAN(GAN):
 
 
     def describe(self) -> dict[str, object]:
-        return {**super(GAN, self).describe(), "arch": self.options.arch}
+        return {**super().describe(), "arch": self.options.arch}
 
 
 __all__ = ["DigitMetrics", "DigitsGAN", "DigitsGANOptions", "digit_images", "digit_metrics"]

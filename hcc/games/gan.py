@@ -207,59 +207,33 @@ class GANOptions:
             raise OptionError(f"mode_share: expected a value in [0, 1], got {self.mode_share}")
 
 
-class GAN(Game):
-    """A GAN on a 2-D mixture of Gaussians: generator ``G_θ(z)`` vs discriminator logit ``ℓ_φ(x)``.
+class GANGame(Game):
+    """What every GAN here shares: the payoff and losses on the discriminator's logits over
+    ``real ∪ fake`` (module docstring), fresh minibatches, sample snapshots.
 
-    Batches hold ``x_min`` (latent draws, ``batch_size × latent_dim``) and ``real``
-    (data samples, ``batch_size × 2``); the discriminator's support is
-    ``real ∪ G_θ(z)`` (real first), not detached, so ``∇_θ Ψ`` flows through it.
+    Subclasses build the maps and define ``_draw(n,
+    generator)`` (a batch of ``n`` latent draws ``x_min`` and data samples ``real``),
+    :meth:`eval_batch` and their metrics.
     """
 
-    name = "gan"
-    Options = GANOptions
     stochastic = True
     fixed_support = False
-    default_steps = 3000
     default_log_every = 20
 
-    def __init__(self, options: GANOptions, seed: int = 0) -> None:
+    def __init__(self, options: Any, seed: int = 0) -> None:
         super().__init__(options, seed)
-        o = options
-        with seeded(seed):
-            self.min_map = mlp(o.latent_dim, o.width, o.depth, 2, o.activation)
-            self.max_map = mlp(2, o.width, o.depth, 1, o.activation)
         # zero-sum only for the saturating loss (the base class reads a ClassVar default)
-        self.zero_sum = o.loss == "standard"  # type: ignore[misc]
-        centres = mixture_centres(o.dataset, o.radius, o.spacing)
-        self._centres64 = centres  # .to(float64) restores full precision
-        # the reference for the batch's device and dtype: made like the maps' parameters
-        self.register_buffer("centres", centres.to(next(self.min_map.parameters()).dtype))
+        self.zero_sum = options.loss == "standard"  # type: ignore[misc]
 
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        super()._apply(fn, recurse)
-        ref = self.centres
-        self.centres = self._centres64.to(device=ref.device, dtype=ref.dtype)
-        return self
-
-    # -- support -------------------------------------------------------------------------
     def _draw(self, n: int, generator: torch.Generator | None) -> Batch:
-        # draws on CPU in float64, then cast: the same samples for every device/dtype
-        z = torch.randn(n, self.options.latent_dim, generator=generator, dtype=torch.float64)
-        real = sample_mixture(self._centres64, self.options.std, n, generator)
-        ref = self.centres
-        return {"x_min": z.to(ref), "real": real.to(ref)}
+        raise NotImplementedError
+
+    def eval_batch(self) -> Batch:
+        raise NotImplementedError
 
     def sample_batch(self, generator: torch.Generator | None = None) -> Batch:
         """A fresh minibatch: ``batch_size`` latent draws and ``batch_size`` data samples."""
         return self._draw(self.options.batch_size, generator)
-
-    def eval_batch(self) -> Batch:
-        """The fixed evaluation batch (``n_eval`` each), seeded from the game seed.
-
-        Its own stream (not the training one), so metrics compare across steps and solvers.
-        """
-        gen = torch.Generator(device="cpu").manual_seed(self.seed + 1_000_003)
-        return self._draw(self.options.n_eval, gen)
 
     def max_support(self, F: Tensor, batch: Batch) -> Tensor:
         return torch.cat([batch["real"], F])
@@ -282,6 +256,58 @@ class GAN(Game):
             return psi, -psi
         _, l_fake = self._split(G, batch)
         return -Fn.logsigmoid(l_fake).mean(), -psi
+
+    def samples(self, params: Params) -> tuple[Tensor, Tensor]:
+        """``(G_θ(z), real)`` on the fixed evaluation batch: what the sample grids draw."""
+        batch = self.eval_batch()
+        with torch.no_grad():
+            return functional_call(self.min_map, params[0], (batch["x_min"],)), batch["real"]
+
+
+class GAN(GANGame):
+    """A GAN on a 2-D mixture of Gaussians: generator ``G_θ(z)`` vs discriminator logit ``ℓ_φ(x)``.
+
+    Batches hold ``x_min`` (latent draws, ``batch_size × latent_dim``) and ``real``
+    (data samples, ``batch_size × 2``); the discriminator's support is
+    ``real ∪ G_θ(z)`` (real first), not detached, so ``∇_θ Ψ`` flows through it.
+    """
+
+    name = "gan"
+    Options = GANOptions
+    default_steps = 3000
+
+    def __init__(self, options: GANOptions, seed: int = 0) -> None:
+        super().__init__(options, seed)
+        o = options
+        with seeded(seed):
+            self.min_map = mlp(o.latent_dim, o.width, o.depth, 2, o.activation)
+            self.max_map = mlp(2, o.width, o.depth, 1, o.activation)
+        centres = mixture_centres(o.dataset, o.radius, o.spacing)
+        self._centres64 = centres  # .to(float64) restores full precision
+        # the reference for the batch's device and dtype: made like the maps' parameters
+        self.register_buffer("centres", centres.to(next(self.min_map.parameters()).dtype))
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        ref = self.centres
+        self.centres = self._centres64.to(device=ref.device, dtype=ref.dtype)
+        return self
+
+    # -- support -------------------------------------------------------------------------
+    def _draw(self, n: int, generator: torch.Generator | None) -> Batch:
+        # draws on CPU in float64, then cast: the same samples for every device/dtype
+        z = torch.randn(n, self.options.latent_dim, generator=generator, dtype=torch.float64)
+        real = sample_mixture(self._centres64, self.options.std, n, generator)
+        ref = self.centres
+        return {"x_min": z.to(ref), "real": real.to(ref)}
+
+    def eval_batch(self) -> Batch:
+        """The fixed evaluation batch (``n_eval`` each), seeded from the game seed.
+
+        Its own stream (not the training one), so metrics compare across steps and solvers.
+        """
+        gen = torch.Generator(device="cpu").manual_seed(self.seed + 1_000_003)
+        return self._draw(self.options.n_eval, gen)
 
     # -- metrics ---------------------------------------------------------------------------
     def extra_metrics(self, params: Params, batch: Batch) -> dict[str, float]:
@@ -308,12 +334,6 @@ class GAN(Game):
                 "high_quality": ms.high_quality,
                 "d_distance": float((torch.sigmoid(logits) - 0.5).abs().mean()),
             }
-
-    def samples(self, params: Params) -> tuple[Tensor, Tensor]:
-        """``(G_θ(z), real)`` on the fixed evaluation batch: what the sample grids draw."""
-        batch = self.eval_batch()
-        with torch.no_grad():
-            return functional_call(self.min_map, params[0], (batch["x_min"],)), batch["real"]
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "n_modes": int(self.centres.shape[0])}
