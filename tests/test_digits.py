@@ -38,6 +38,17 @@ def test_digits_gan_trains_with_a_conv_generator() -> None:
     assert last["classes_covered"] >= 8
 
 
+def test_kfac_gda_trains_the_digits_gan() -> None:
+    """The natural solver at its registry step (0.5), 150 steps, float32: the Fréchet distance falls
+    from 105.6 / 103.7 to 38.6 / 29.0 (seeds 0 / 1, measured) with 10/10 classes; Adam's 200 steps above
+    reach ≈ 51. Asserted with a margin: below half the start, ≥ 9 classes."""
+    r = hcc.run("digits-gan", "kfac-gda", steps=150, dtype="float32", log_every=150)
+    assert r.solver_options["lr"] == 0.5 and r.solver_options["precond"] == "kfac"
+    first, last = r.history[0], r.history[-1]
+    assert last["fid"] < 0.5 * first["fid"], (first["fid"], last["fid"])
+    assert last["classes_covered"] >= 9
+
+
 def test_digits_gan_options_are_checked() -> None:
     with pytest.raises(OptionError, match="'arch': expected one of mlp, conv"):
         hcc.make_game("digits-gan", {"arch": "resnet"})
