@@ -143,7 +143,8 @@ def run_hcc(name: str, spec: str, steps: int, log_every: int, target: float, gam
     own = parse_key_values([kv for kv in extra.split(",") if kv])
     game = hcc.make_game("openspiel", {"name": name, **game_opts, **own}).double()
     s = hcc.make_solver(solver, game, lr=float(lr) if lr else None, options=solver_opts)
-    trace = Trace(f"{solver} (lr = {s.lr:.3g}{''.join(f', {v}' for v in own.values())})")
+    extras = [str(v) for v in own.values()] + [f"{k}={v}" for k, v in (solver_opts or {}).items()]
+    trace = Trace(f"{solver} (lr = {s.lr:.3g}{''.join(f', {e}' for e in extras)})")
 
     def record(step: int, row: dict[str, float]) -> None:  # every logged step after the first
         if METRIC in row:

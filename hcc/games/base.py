@@ -97,6 +97,19 @@ class Game(nn.Module):
         """``(F*, G*)`` on the batch's support points, or ``None`` if unknown."""
         return None
 
+    def proximal_target(
+        self, z: tuple[Tensor, Tensor], eta: float, start: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[tuple[Tensor, Tensor], int, float] | None:
+        """The game's own solution of the proximal step in function space, or ``None`` (the default).
+
+        ``z`` are the players' pre-head coordinates on the support (logits for a probability head),
+        ``eta`` the proximal step, ``start`` the previous target. A game whose function-space game is
+        convex-concave only in other coordinates than its strategies' (a sequence-form game played with
+        behaviour strategies) returns ``(target coordinates, iterations, residual)``; the proximal rule
+        (:mod:`hcc.solvers.prox`) then pulls that target back instead of solving its own implicit step.
+        """
+        return None
+
     def duality_gap(self, F: Tensor, G: Tensor, batch: Batch) -> Tensor | None:
         """``max_G' L(F, G') − min_F' L(F', G)`` over the strategy sets, if computable."""
         return None

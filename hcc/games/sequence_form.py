@@ -158,6 +158,7 @@ class TreeplexIndex(nn.Module):
     def __init__(self, tp: Treeplex) -> None:
         super().__init__()
         self.n_sequences, self.n_actions, self.n_levels = tp.n_sequences, tp.n_actions, tp.n_levels
+        self.n_infosets = tp.n_infosets
         K = tp.n_actions
         i, a = np.nonzero(tp.mask)
         flat = np.zeros(tp.n_sequences, dtype=np.int64)
@@ -171,6 +172,7 @@ class TreeplexIndex(nn.Module):
             self._buffer(f"parent{d}", tp.parent[inf])  # their parents' sequences
             self._buffer(f"infoset_parent{d}", tp.parent[idx])  # σ(i) of the depth-d infosets
             self._buffer(f"table{d}", tp.seq[idx])  # (n_d, K) their sequences, −1 where illegal
+            self._buffer(f"infosets{d}", idx)  # the depth-d information sets
 
     def _buffer(self, name: str, value: np.ndarray) -> None:
         self.register_buffer(name, torch.as_tensor(np.asarray(value, dtype=np.int64)), persistent=False)
@@ -206,6 +208,110 @@ class TreeplexIndex(nn.Module):
             vals = torch.where(table >= 0, V[table.clamp(min=0)], -torch.inf)
             V = V.index_add(0, self._level("infoset_parent", d), vals.max(-1).values)
         return V[0]
+
+    def dilated_prox(self, q: Tensor, logw: Tensor, scale: float) -> Tensor:
+        r"""The behaviours of the dilated-entropy proximal problem
+
+        .. math::
+
+            \min_{x∈X}\; qᵀx + \sum_i x_{σ(i)} \sum_a b_i(a)\big(s \log b_i(a) − \mathrm{logw}_{ia}\big),
+
+        ``q ∈ R^S`` a cost per sequence, ``logw`` ``(n_infosets, K)`` log-weights, ``s = scale > 0``. With
+        ``logw = s·log w`` it is ``qᵀx + s·D(x‖w)``, ``D`` the Bregman divergence of the dilated entropy,
+        ``Σ_i x_{σ(i)} KL(b_i ‖ w_i)`` (Hoda, Gilpin, Peña & Sandholm, *Smoothing techniques for computing
+        Nash equilibria of sequential games*, Math. OR 2010; Kroer, Waugh, Kılınç-Karzan & Sandholm,
+        *Faster algorithms for extensive-form game solving via improved smoothing functions*, Math. Prog.
+        2020); a sum of such divergences with coefficients adding up to ``s`` is the same form. The
+        minimization decouples by backward induction:
+
+        .. math::
+
+            b_i(a) ∝ \exp\big((\mathrm{logw}_{ia} − Q_{ia}) / s\big), \qquad
+            V_i = −s \log \sum_a \exp\big((\mathrm{logw}_{ia} − Q_{ia}) / s\big),
+
+        ``Q_{ia} = q_{ia} + Σ_{j: σ(j) = ia} V_j`` (the information sets that follow ``ia``, solved
+        first). Returns ``(n_infosets, K)`` behaviours, 0 on illegal actions.
+        """
+        W = q
+        b = logw.new_zeros(self.n_infosets, self.n_actions)
+        for d in reversed(range(self.n_levels)):
+            table, inf = self._level("table", d), self._level("infosets", d)
+            a = torch.where(table >= 0, (logw[inf] - W[table.clamp(min=0)]) / scale, -torch.inf)
+            lse = torch.logsumexp(a, -1)
+            b = b.index_put((inf,), torch.exp(a - lse[:, None]))
+            W = W.index_add(0, self._level("infoset_parent", d), -scale * lse)
+        return b
+
+
+def _log_behaviour(b: Tensor) -> Tensor:
+    """``log b``, bounded below by the log of the dtype's smallest normal number: a probability that
+    underflowed to 0 stays the least likely action (the prox ignores the illegal entries)."""
+    return b.clamp_min(torch.finfo(b.dtype).tiny).log()
+
+
+@dataclass(frozen=True)
+class ProximalSolution:
+    """What :func:`dilated_proximal_point` returns."""
+
+    #: the behaviours of the two players at the proximal point
+    behaviours: tuple[Tensor, Tensor]
+    iterations: int
+    #: the last iteration's largest change of a behaviour probability
+    residual: float
+
+
+def dilated_proximal_point(
+    C: Tensor, plans: tuple[TreeplexIndex, TreeplexIndex], centre: tuple[Tensor, Tensor], eta: float, *,
+    step: float | None = None, iters: int = 3000, tol: float = 1e-7, start: tuple[Tensor, Tensor] | None = None,
+) -> ProximalSolution:
+    r"""The proximal point of the sequence-form game ``min_x max_y xᵀCy`` in the dilated-entropy geometry.
+
+    The saddle point of the regularized game
+
+    .. math::
+
+        \min_{x∈X}\max_{y∈Y}\; xᵀCy + \tfrac1η D(x‖\hat x) − \tfrac1η D(y‖\hat y),
+
+    ``D`` the dilated KL of :meth:`TreeplexIndex.dilated_prox` and ``(\hat x, \hat y)`` the plans of the
+    behaviours ``centre``: one implicit step of the Bregman proximal point method (Rockafellar 1976;
+    Censor & Zenios 1992) on the bilinear treeplex game, the function-space game of a neural policy.
+    Unlike an implicit step in the behaviours (where the payoff is multilinear, not convex-concave) this
+    problem is strongly convex-concave, so it has one solution and a first-order method finds it: mirror
+    prox (Nemirovski 2004) in the same geometry, each half step a closed-form dilated prox
+
+    .. math::
+
+        x' = \arg\min_{x∈X} γ\,gᵀx + \tfrac{γ}{η} D(x‖\hat x) + D(x‖x_t)
+
+    (``logw = (γ/η)\log \hat b + \log b_t``, ``s = 1 + γ/η``), from ``start`` (default the centre) until no
+    behaviour probability moves by more than ``tol`` in an iteration, or ``iters`` iterations. The step
+    ``γ`` defaults to ``5/‖C‖₂`` (measured stable on Kuhn and Leduc poker; ``15/‖C‖₂`` diverges on Leduc).
+    """
+    gamma = 5.0 / float(torch.linalg.matrix_norm(C, 2)) if step is None else step
+    a = gamma / eta
+    s = 1.0 + a
+    anchors = tuple(a * _log_behaviour(c) for c in centre)
+    b = tuple(c.clone() for c in (start if start is not None else centre))
+    x_plan, y_plan = plans
+
+    def half(bx: Tensor, by: Tensor, base: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x, y = x_plan.realize(bx), y_plan.realize(by)
+        gx, gy = C @ y, -(C.T @ x)  # x descends xᵀCy, y descends −xᵀCy
+        return tuple(  # type: ignore[return-value]
+            plan.dilated_prox(gamma * g, anchor + _log_behaviour(b0), s)
+            for plan, g, anchor, b0 in zip(plans, (gx, gy), anchors, base, strict=True)
+        )
+
+    residual, it = float("inf"), 0
+    while it < iters:
+        it += 1
+        mid = half(*b, b)
+        new = half(*mid, b)
+        residual = max(float((n - o).abs().max()) for n, o in zip(new, b, strict=True))
+        b = new
+        if residual <= tol:
+            break
+    return ProximalSolution(b, it, residual)
 
 
 def solve_lp(A: np.ndarray, tp_x: Treeplex, tp_y: Treeplex) -> tuple[float, np.ndarray, np.ndarray]:

@@ -25,7 +25,10 @@ exactly — a proximal-point step — and moves the networks towards its solutio
    game, boundary equilibria included (an action that should vanish gets its logit pushed
    down by ``η·(its excess cost)``, i.e. its probability multiplied by ``e^{−η·gap}``). Logits are
    kept within ``ζ`` of the row's maximum (:func:`~hcc.curvature.heads.clip_logits`), so a
-   vanishing action's logit stays finite.
+   vanishing action's logit stays finite. A game may solve this step itself
+   (:meth:`Game.proximal_target <hcc.games.base.Game.proximal_target>`): a sequence-form game
+   played with behaviour strategies, whose payoff is multilinear in the behaviours, takes it in the
+   realization plans with the dilated entropy instead (:mod:`hcc.games.openspiel`).
 
 2. **Pull-back** through the preconditioner (:meth:`Preconditioner.pullback`): the
    Levenberg-Marquardt (Gauss-Newton) step ``d = argmin ‖Ĵd − r̂‖² + μ‖d‖²`` of the
@@ -41,6 +44,8 @@ exactly — a proximal-point step — and moves the networks towards its solutio
    step: ``ρ > ¾`` divides μ by 3, ``ρ < ¼`` doubles it, and a step that does
    not reduce the distance (``ρ ≤ 0``) is rejected (that player stays; μ × 4). No step size to
    tune: ``lr`` multiplies the pull-back step and defaults to 1 (the full Gauss-Newton step).
+   ``pullback_iters`` repeats 2–3 towards the same target (default once): for a target far from
+   what one Gauss-Newton step reaches (Leduc poker's 468 information sets a player).
 
 Not vectorizable (Newton's method and the damping control branch on data) and only for
 games with a fixed support (not the continuous GAN, whose discriminator sees the
@@ -91,6 +96,7 @@ class ProxOptions:
     newton_tol: float | None = opt(None, "relative residual of the proximal solve (None: 1e4·eps of the dtype)")
     logit_range: float | None = opt(None, "ζ: logits kept within ζ of the row maximum (None: (2/3)·log(1/eps))")
     warm_start: bool = opt(True, "start Newton from the previous target")
+    pullback_iters: int = opt(1, "Levenberg-Marquardt pull-backs towards each target (each with its damping control)")
 
     def validate(self) -> None:
         for k in ("eta", "mu", "mu_min", "mu_max"):
@@ -99,8 +105,9 @@ class ProxOptions:
                 raise OptionError(f"{k}: expected a positive finite number, got {v}")
         if not self.mu_min <= self.mu <= self.mu_max:
             raise OptionError(f"mu: expected mu_min ≤ mu ≤ mu_max, got {self.mu_min}, {self.mu}, {self.mu_max}")
-        if self.newton_iters < 1:
-            raise OptionError(f"newton_iters: expected a positive integer, got {self.newton_iters}")
+        for k in ("newton_iters", "pullback_iters"):
+            if getattr(self, k) < 1:
+                raise OptionError(f"{k}: expected a positive integer, got {getattr(self, k)}")
         for k in ("newton_tol", "logit_range"):
             v = getattr(self, k)
             if v is not None and not (v > 0 and math.isfinite(v)):
@@ -310,16 +317,38 @@ class Prox(Rule):
         o = self.options
         fs = oracle.function_space()
         z = fs.coords(params)
-        sol = proximal_target(fs, z, o.eta, start=state["target"] if o.warm_start else None,
-                              iters=o.newton_iters, tol=o.newton_tol, hessian=state.get("hessian"),
-                              affine=bool(state.get("affine", False)))
+        start = state["target"] if o.warm_start else None
+        own = oracle.game.proximal_target(z, o.eta, start)
+        if own is not None:  # the game solves its proximal step itself (e.g. a sequence-form game)
+            sol = ProxSolve(*own)
+        else:
+            sol = proximal_target(fs, z, o.eta, start=start, iters=o.newton_iters, tol=o.newton_tol,
+                                  hessian=state.get("hessian"), affine=bool(state.get("affine", False)))
         zeta = o.logit_range if o.logit_range is not None else default_logit_range(z[0].dtype)
         target = tuple(clip_logits(t, h, zeta) for t, h in zip(sol.target, fs.heads, strict=True))
-        mu = state["mu"]
-        d = oracle.pullback(params, target, mu)  # type: ignore[arg-type]
+        info: dict[str, Any] = {"prox_newton": sol.iterations, "prox_residual": sol.residual}
+        mu, rejected = state["mu"], 0
+        for k in range(o.pullback_iters):
+            if k:
+                z = fs.coords(params)
+            params, mu, fit = self._pullback(oracle, fs, params, z, target, mu, lr)  # type: ignore[arg-type]
+            rejected += fit.pop("rejected")
+            info.update(fit)
+        info["rejected_total"] = rejected
+        out, new_mu = params, mu
+        new_state = {"mu": tuple(new_mu), "target": target, "hessian": sol.hessian, "affine": sol.affine}
+        return (out[0], out[1]), new_state, info
+
+    def _pullback(self, oracle: Oracle, fs: Any, params: Params, z: tuple[Tensor, Tensor],
+                  target: tuple[Tensor, Tensor], mu: tuple[float, float], lr: float
+                  ) -> tuple[Params, tuple[float, float], dict[str, Any]]:
+        """One Levenberg-Marquardt pull-back towards ``target`` with its damping control (module docstring, 2–3):
+        ``(params, μ, info)``, a player whose step does not reduce the distance staying where it was."""
+        o = self.options
+        d = oracle.pullback(params, target, mu)
         trial = tuple(axpy(lr, d[i], params[i]) for i in (0, 1))
         z_new = fs.coords(trial)  # type: ignore[arg-type]
-        out, new_mu, info = [], [], {"prox_newton": sol.iterations, "prox_residual": sol.residual}
+        out, new_mu, info = [], [], {}
         rejected = 0
         geometry = oracle.pullback_geometry
         for i, tag in enumerate(("theta", "phi")):
@@ -341,9 +370,8 @@ class Prox(Rule):
             rejected += 0 if accept else 1
             new_mu.append(m)
             info[f"mu_{tag}"], info[f"rho_{tag}"] = m, rho
-        info["rejected_total"] = rejected
-        new_state = {"mu": tuple(new_mu), "target": target, "hessian": sol.hessian, "affine": sol.affine}
-        return (out[0], out[1]), new_state, info
+        info["rejected"] = rejected
+        return (out[0], out[1]), (new_mu[0], new_mu[1]), info
 
 
 
