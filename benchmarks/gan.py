@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -95,33 +96,33 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def bench_mixture(dataset: str, solvers: list[str], seeds: int, ref_steps: int, steps: dict[str, int],
+def bench_mixture(dataset: str, solvers: list[str], seeds: range, ref_steps: int, steps: dict[str, int],
                   log_every: int) -> tuple[list[dict[str, Any]], list[tuple[str, list[Result]]]]:
-    opts = {"dataset": dataset}
-    ref = [run("gan", REFERENCE, s, ref_steps, opts, log_every) for s in range(seeds)]
+    opts, k = {"dataset": dataset}, len(seeds)
+    ref = [run("gan", REFERENCE, s, ref_steps, opts, log_every) for s in seeds]
     n_modes = 8 if dataset == "ring" else 25
     rows = [{
         "data": dataset, "solver": f"{REFERENCE} (reference)", "steps": ref_steps,
         "final_mmd": median([r.final["mmd"] for r in ref]),
-        "reached": f"{seeds}/{seeds}", "seconds": median([r.final["time_s"] for r in ref]),
+        "reached": f"{k}/{k}", "seconds": median([r.final["time_s"] for r in ref]),
         "ref_seconds": median([r.final["time_s"] for r in ref]), "speedup": 1.0,
         "modes_end": median([r.final["modes_covered"] for r in ref]),
-        "all_modes": sum(r.final["modes_covered"] >= n_modes for r in ref), "seeds": seeds,
+        "all_modes": sum(r.final["modes_covered"] >= n_modes for r in ref), "seeds": k,
         "ms_per_step": 1e3 * median([r.final["time_s"] / r.final["step"] for r in ref]),
     }]
     groups = [(REFERENCE, ref)]
     for spec in solvers:
         n = steps.get(spec, ref_steps)
-        runs = [run("gan", spec, s, n, opts, log_every) for s in range(seeds)]
+        runs = [run("gan", spec, s, n, opts, log_every) for s in seeds]
         hits = [first_below(r, "mmd", rr.final["mmd"]) for r, rr in zip(runs, ref)]
         secs = [h[1] for h in hits if h is not None]
         ratios = [rr.final["time_s"] / h[1] for h, rr in zip(hits, ref) if h is not None and h[1] > 0]
         rows.append({
             "data": dataset, "solver": spec, "steps": n, "final_mmd": median([r.final["mmd"] for r in runs]),
-            "reached": f"{len(secs)}/{seeds}", "seconds": median(secs),
+            "reached": f"{len(secs)}/{k}", "seconds": median(secs),
             "ref_seconds": rows[0]["ref_seconds"], "speedup": median(ratios),
             "modes_end": median([r.final["modes_covered"] for r in runs]),
-            "all_modes": sum(r.final["modes_covered"] >= n_modes for r in runs), "seeds": seeds,
+            "all_modes": sum(r.final["modes_covered"] >= n_modes for r in runs), "seeds": k,
             "ms_per_step": 1e3 * median([r.final["time_s"] / r.final["step"] for r in runs]),
         })
         groups.append((spec, runs))
@@ -130,12 +131,12 @@ def bench_mixture(dataset: str, solvers: list[str], seeds: int, ref_steps: int, 
     return rows, groups
 
 
-def bench_digits(solvers: list[str], seeds: int, budget: float, log_every: int
+def bench_digits(solvers: list[str], seeds: range, budget: float, log_every: int
                  ) -> tuple[list[dict[str, Any]], list[tuple[str, list[Result]]]]:
     rows, groups = [], []
     for spec in solvers:
         n = steps_for("digits-gan", spec, budget, log_every)
-        runs = [run("digits-gan", spec, s, n, {}, log_every) for s in range(seeds)]
+        runs = [run("digits-gan", spec, s, n, {}, log_every) for s in seeds]
         at = [at_time(r, budget) for r in runs]
         best = [min((h for h in r.history if h["time_s"] <= budget + 1e-9), key=lambda h: h["fid"]) for r in runs]
         rows.append({
@@ -143,7 +144,7 @@ def bench_digits(solvers: list[str], seeds: int, budget: float, log_every: int
             "fid": median([a["fid"] for a in at]), "fid_per_seed": [round(a["fid"], 2) for a in at],
             "classes": median([a["classes_covered"] for a in at]),
             "classes_per_seed": [int(a["classes_covered"]) for a in at],
-            "best_fid": median([b["fid"] for b in best]), "seeds": seeds,
+            "best_fid": median([b["fid"] for b in best]), "seeds": len(seeds),
             "ms_per_step": 1e3 * median([r.final["time_s"] / max(r.final["step"], 1) for r in runs]),
         })
         groups.append((spec, runs))
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--digit-solvers", nargs="+", default=DEFAULT_DIGITS)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--digit-seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed … first-seed + seeds − 1")
     ap.add_argument("--ref-steps", type=int, default=3000)
     ap.add_argument("--steps", type=int, default=None, help="steps of the other 2-D solvers (default: the reference's;"
                     " kfac-gda-type on the ring: a third of it)")
@@ -206,18 +208,21 @@ def main(argv: list[str] | None = None) -> None:
             if a.steps is None and ds == "ring" and "kfac-gda" in spec:
                 n = a.ref_steps // 3
             steps[spec] = n
-        rows, groups = bench_mixture(ds, solvers, a.seeds, a.ref_steps, steps, a.log_every)
+        rows, groups = bench_mixture(ds, solvers, range(a.first_seed, a.first_seed + a.seeds), a.ref_steps, steps,
+                                     a.log_every)
         rows_2d += rows
         fig = compare_figure(groups, "mmd", title=f"GAN, {ds}: MMD² to the data (median, quartiles; {a.seeds} seeds)")
         fig.savefig(out / f"{ds}.png", dpi=120)
     if "digits" in a.datasets:
         print(HEAD_DIGITS)
-        rows_digits, groups = bench_digits(a.digit_solvers, a.digit_seeds, a.budget, a.log_every)
+        rows_digits, groups = bench_digits(a.digit_solvers, range(a.first_seed, a.first_seed + a.digit_seeds),
+                                           a.budget, a.log_every)
         fig = compare_figure(groups, "fid", title=f"digits GAN: Fréchet distance (median, quartiles; "
                                                   f"{a.digit_seeds} seeds)")
         fig.savefig(out / "digits.png", dpi=120)
     elapsed = time.perf_counter() - t0
-    lines = [f"`python benchmarks/gan.py {' '.join(argv) if argv else ''}`".replace(" `", "`"),
+    args = sys.argv[1:] if argv is None else list(argv)
+    lines = [f"`python benchmarks/gan.py {' '.join(args)}`".replace(" `", "`"),
              f"({elapsed:.0f} s in all, float32, one thread)", ""]
     if rows_2d:
         lines += [HEAD_2D, *map(_row_2d, rows_2d), ""]

@@ -328,27 +328,24 @@ class Prox(Rule):
         target = tuple(clip_logits(t, h, zeta) for t, h in zip(sol.target, fs.heads, strict=True))
         info: dict[str, Any] = {"prox_newton": sol.iterations, "prox_residual": sol.residual}
         mu, rejected = state["mu"], 0
-        for k in range(o.pullback_iters):
-            if k:
-                z = fs.coords(params)
-            params, mu, fit = self._pullback(oracle, fs, params, z, target, mu, lr)  # type: ignore[arg-type]
+        for _ in range(o.pullback_iters):
+            params, z, mu, fit = self._pullback(oracle, fs, params, z, target, mu, lr)  # type: ignore[arg-type]
             rejected += fit.pop("rejected")
             info.update(fit)
         info["rejected_total"] = rejected
-        out, new_mu = params, mu
-        new_state = {"mu": tuple(new_mu), "target": target, "hessian": sol.hessian, "affine": sol.affine}
-        return (out[0], out[1]), new_state, info
+        new_state = {"mu": mu, "target": target, "hessian": sol.hessian, "affine": sol.affine}
+        return params, new_state, info
 
     def _pullback(self, oracle: Oracle, fs: Any, params: Params, z: tuple[Tensor, Tensor],
                   target: tuple[Tensor, Tensor], mu: tuple[float, float], lr: float
-                  ) -> tuple[Params, tuple[float, float], dict[str, Any]]:
+                  ) -> tuple[Params, tuple[Tensor, Tensor], tuple[float, float], dict[str, Any]]:
         """One Levenberg-Marquardt pull-back towards ``target`` with its damping control (module docstring, 2–3):
-        ``(params, μ, info)``, a player whose step does not reduce the distance staying where it was."""
+        ``(params, coordinates, μ, info)``, a player whose step does not reduce the distance staying where it was."""
         o = self.options
         d = oracle.pullback(params, target, mu)
         trial = tuple(axpy(lr, d[i], params[i]) for i in (0, 1))
         z_new = fs.coords(trial)  # type: ignore[arg-type]
-        out, new_mu, info = [], [], {}
+        out, coords, new_mu, info = [], [], [], {}
         rejected = 0
         geometry = oracle.pullback_geometry
         for i, tag in enumerate(("theta", "phi")):
@@ -367,11 +364,12 @@ class Prox(Rule):
                 m = min(max(m, o.mu_min), o.mu_max)
             accept = rho > 0 or e0 == 0.0
             out.append(trial[i] if accept else params[i])
+            coords.append(z_new[i] if accept else zi)
             rejected += 0 if accept else 1
             new_mu.append(m)
             info[f"mu_{tag}"], info[f"rho_{tag}"] = m, rho
         info["rejected"] = rejected
-        return (out[0], out[1]), (new_mu[0], new_mu[1]), info
+        return (out[0], out[1]), (coords[0], coords[1]), (new_mu[0], new_mu[1]), info
 
 
 
